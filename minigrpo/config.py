@@ -1,0 +1,238 @@
+"""One typed config for a GRPO run, loaded from a YAML recipe plus `key=value` overrides.
+
+Every check runs in `Config.validate()` before any model loads; numbers derived from the config
+(per-rank batch, micro-batch, accumulation) are computed once, in `Config.layout(world_size)`.
+Names follow TRL's GRPOConfig where the concept is the same.
+
+What one optimizer step means here (the thing TRL changed between versions):
+    prompts_per_step prompts (global, over all ranks) x num_generations completions each.
+Each rank owns prompts_per_step / world_size whole prompts (so whole groups) and splits its
+completions into gradient_accumulation_steps micro-batches. The seed's run (TRL 0.14, 3 ranks x
+1 prompt x 8 accumulation steps) is prompts_per_step=24, num_generations=8: 192 completions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or inconsistent with another."""
+
+
+@dataclass
+class Config:
+    # -- model and outputs
+    model: str = "smollm2-135m-instruct"  # HF folder, hub name, or the built-in default
+    model_cache_dir: str | None = None  # where the built-in model is converted (default ~/.cache/minigrpo)
+    trust_remote_code: bool = False
+    dtype: str = "float32"  # training and rollout dtype: float32 on CPU, bfloat16 on GPUs
+    output_dir: str = "outputs/run"
+    seed: int = 42
+
+    # -- data (used by examples/countdown.py; library users pass datasets to train())
+    dataset: str | None = None  # hub name or local file; None = the hub's Countdown, else the generator
+    dataset_size: int | None = None  # rows before the split (the seed used a 50k subset)
+    test_size: float = 0.1
+
+    # -- rollout
+    rollout: str = "vllm"  # vllm | torch
+    vllm_gpu_memory_utilization: float = 0.3  # on CPU: fraction of the NUMA node's memory for KV cache
+    vllm_max_model_len: int | None = None  # default: max_prompt_length + max_completion_length
+    sync_check_atol: float = 1e-3  # weight-push probe tolerance (log-probabilities)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_prompt_length: int = 256
+    max_completion_length: int = 256
+    stop: list[str] = field(default_factory=list)
+
+    # -- batch: see the module docstring
+    max_steps: int = 10
+    prompts_per_step: int = 2
+    num_generations: int = 8
+    gradient_accumulation_steps: int = 2
+    num_iterations: int = 1  # optimizer updates per generated batch (GRPO's mu)
+
+    # -- GRPO loss and advantages
+    beta: float = 0.04
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo
+    scale_rewards: str = "group"  # group | batch | none
+    advantage_eps: float = 1e-4
+
+    # -- optimizer and schedule (the DeepSpeed engine runs them)
+    learning_rate: float = 1e-6
+    lr_scheduler_type: str = "cosine"  # cosine | constant
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    max_grad_norm: float = 1.0
+    deepspeed: str | None = None  # DeepSpeed JSON/YAML config (ZeRO stage etc.); None = ZeRO-0
+    gradient_checkpointing: bool = False
+    reference_on_cpu: bool = False  # keep the frozen reference in CPU memory (GPU runs)
+    logprob_chunk_tokens: int = 4096  # completion tokens per chunk when scoring with lm_head
+
+    # -- rewards
+    reward_weights: list[float] | None = None  # one per reward function; None = all 1.0
+    reward_on_error: str = "zero"  # zero (0 + counted warning) | raise
+    reward_timeout: float = 60.0  # seconds per batch, per reward function
+    success_reward: str = "equation_reward"  # the reward whose value 1.0 counts as solved
+
+    # -- logging, evaluation, checkpoints
+    logging_steps: int = 1
+    eval_steps: int = 0  # 0 = only at the end
+    eval_num_samples: int = 64
+    save_steps: int = 0  # 0 = only at the end
+    save_total_limit: int = 2
+    num_completion_samples: int = 4  # completions written to completion_samples.txt per step
+    self_verification_phrases: list[str] = field(
+        default_factory=lambda: ["wait", "let me check", "verify", "re-evaluate", "try again", "double-check"]
+    )
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+        """Recipe YAML (or none: the defaults) + `key=value` overrides, then validated."""
+        values: dict = {}
+        if path is not None:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: a recipe is a mapping of keys to values")
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ConfigError(f"override {item!r} is not key=value")
+            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Config:
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        cfg = cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        def need(ok: bool, key: str, msg: str):
+            if not ok:
+                raise ConfigError(f"{key}={getattr(self, key)!r}: {msg}")
+
+        need(self.rollout in ("vllm", "torch"), "rollout", "must be 'vllm' or 'torch'")
+        need(self.dtype in ("float32", "bfloat16", "float16"), "dtype", "must be float32, bfloat16 or float16")
+        need(self.num_generations >= 2, "num_generations", "GRPO needs at least 2 completions per prompt to compare")
+        for key in ("max_steps", "prompts_per_step", "gradient_accumulation_steps", "num_iterations",
+                    "max_prompt_length", "max_completion_length", "logging_steps", "save_total_limit",
+                    "logprob_chunk_tokens"):
+            need(getattr(self, key) >= 1, key, "must be >= 1")
+        for key in ("eval_steps", "save_steps", "eval_num_samples", "num_completion_samples", "top_k"):
+            need(getattr(self, key) >= 0, key, "must be >= 0")
+        need(self.beta >= 0, "beta", "must be >= 0")
+        need(0 < self.epsilon < 1, "epsilon", "must be in (0, 1)")
+        need(self.epsilon_high is None or self.epsilon_high > 0, "epsilon_high", "must be > 0 (or null)")
+        need(self.loss_type in ("grpo", "bnpo", "dr_grpo"), "loss_type", "must be grpo, bnpo or dr_grpo")
+        need(self.scale_rewards in ("group", "batch", "none"), "scale_rewards", "must be group, batch or none")
+        need(self.learning_rate > 0, "learning_rate", "must be > 0")
+        need(self.lr_scheduler_type in ("cosine", "constant"), "lr_scheduler_type", "must be cosine or constant")
+        need(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        need(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        need(self.temperature > 0, "temperature", "must be > 0 (training samples; greedy is for evaluation)")
+        need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        need(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must be in (0, 1]")
+        need(self.reward_on_error in ("zero", "raise"), "reward_on_error", "must be zero or raise")
+        need(self.reward_timeout > 0, "reward_timeout", "must be > 0 seconds")
+        need(0 < self.test_size < 1, "test_size", "must be in (0, 1)")
+        need(self.dataset_size is None or self.dataset_size >= 2, "dataset_size", "must be >= 2 (or null)")
+        need(self.sync_check_atol > 0, "sync_check_atol", "must be > 0")
+        if self.deepspeed is not None:
+            need(Path(self.deepspeed).is_file(), "deepspeed", "no such DeepSpeed config file")
+        need((self.prompts_per_step * self.num_generations) % self.gradient_accumulation_steps == 0,
+             "gradient_accumulation_steps",
+             f"must divide the completions of a step ({self.prompts_per_step} prompts x "
+             f"{self.num_generations} generations = {self.prompts_per_step * self.num_generations})")
+
+    def layout(self, world_size: int) -> Layout:
+        """The per-rank batch shape, checked for this world size."""
+        if self.prompts_per_step % world_size:
+            raise ConfigError(
+                f"prompts_per_step={self.prompts_per_step} does not split into whole groups over "
+                f"{world_size} ranks; use a multiple of {world_size}"
+            )
+        prompts = self.prompts_per_step // world_size
+        completions = prompts * self.num_generations
+        if completions % self.gradient_accumulation_steps:
+            raise ConfigError(
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps} must divide the "
+                f"{completions} completions each of the {world_size} ranks gets per step"
+            )
+        return Layout(world_size, prompts, completions, completions // self.gradient_accumulation_steps)
+
+
+@dataclass(frozen=True)
+class Layout:
+    world_size: int
+    prompts_per_rank: int  # whole groups per rank per step
+    completions_per_rank: int  # prompts_per_rank * num_generations
+    micro_batch: int  # completions per forward/backward (per_device_train_batch_size in TRL)
+
+
+def _coerce(key: str, value, hint):
+    """Check `value` against the annotation; ints are accepted where floats are expected."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(key, v, args[0]) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-6" (no dot) as a string; accept what float() accepts.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if isinstance(value, bool) and hint is not bool:
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    if not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def load_deepspeed_config(path: str | None) -> dict:
+    """The user's DeepSpeed config (JSON or YAML) as a dict; {} when none is named."""
+    if path is None:
+        return {}
+    text = Path(path).read_text()
+    return json.loads(text) if path.endswith(".json") else yaml.safe_load(text)

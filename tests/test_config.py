@@ -1,0 +1,73 @@
+"""Config: every mistake is an error naming the key, before any model loads."""
+
+import pytest
+
+from minigrpo.config import Config, ConfigError
+
+
+def test_defaults_validate_and_layout():
+    cfg = Config()
+    lay = cfg.layout(1)
+    # 2 prompts x 8 generations = 16 completions, 2 accumulation steps -> micro-batches of 8
+    assert (lay.prompts_per_rank, lay.completions_per_rank, lay.micro_batch) == (2, 16, 8)
+
+
+def test_seed_recipe_batch_meaning():
+    # the seed: 3 ranks, 24 prompts x 8 generations = 192 completions per step;
+    # per rank 8 prompts = 64 completions, 8 accumulation steps -> micro-batches of 8
+    cfg = Config.from_dict({"prompts_per_step": 24, "num_generations": 8, "gradient_accumulation_steps": 8})
+    lay = cfg.layout(3)
+    assert (lay.prompts_per_rank, lay.completions_per_rank, lay.micro_batch) == (8, 64, 8)
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['learning_rte'\]"):
+        Config.from_dict({"learning_rte": 1e-6})
+
+
+@pytest.mark.parametrize("key, value", [("learning_rate", "fast"), ("max_steps", 2.5), ("gradient_checkpointing", "yes"),
+                                        ("num_generations", True), ("stop", "</answer>")])
+def test_wrong_type_is_named(key, value):
+    with pytest.raises(ConfigError, match=key):
+        Config.from_dict({key: value})
+
+
+@pytest.mark.parametrize(
+    "values, key",
+    [
+        ({"num_generations": 1}, "num_generations"),
+        ({"prompts_per_step": 1, "num_generations": 3, "gradient_accumulation_steps": 2}, "gradient_accumulation_steps"),
+        ({"loss_type": "token"}, "loss_type"),
+        ({"scale_rewards": "std"}, "scale_rewards"),
+        ({"epsilon": 1.5}, "epsilon"),
+        ({"beta": -0.1}, "beta"),
+        ({"rollout": "sglang"}, "rollout"),
+        ({"deepspeed": "/no/such/file.json"}, "deepspeed"),
+        ({"temperature": 0}, "temperature"),
+    ],
+)
+def test_inconsistent_values_are_named(values, key):
+    with pytest.raises(ConfigError, match=key):
+        Config.from_dict(values)
+
+
+def test_prompts_must_split_into_whole_groups_over_ranks():
+    with pytest.raises(ConfigError, match="prompts_per_step=3 .* 2 ranks"):
+        Config.from_dict({"prompts_per_step": 3, "gradient_accumulation_steps": 1}).layout(2)
+
+
+def test_yaml_recipe_and_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rate: 5.0e-7\nbeta: 0.001\nstop: ['</answer>']\n")
+    cfg = Config.load(recipe, ["learning_rate=1e-6", "max_steps=3", "epsilon_high=0.28", "reward_weights=[1, 2]"])
+    assert cfg.learning_rate == 1e-6  # YAML reads 1e-6 as a string; it is still a float here
+    assert (cfg.beta, cfg.max_steps, cfg.epsilon_high, cfg.stop) == (0.001, 3, 0.28, ["</answer>"])
+    assert cfg.reward_weights == [1.0, 2.0]
+    with pytest.raises(ConfigError, match="not key=value"):
+        Config.load(recipe, ["max_steps"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = Config.from_dict({"max_steps": 7, "epsilon_high": 0.3})
+    cfg.save(tmp_path / "c.yaml")
+    assert Config.load(tmp_path / "c.yaml") == cfg
