@@ -1,0 +1,127 @@
+"""Countdown rewards: is the completion in the R1 format, and is its answer a correct equation.
+
+Both follow the reward protocol of `minigrpo.rewards.runner` (TRL's signature): called once per
+batch, one float per completion, dataset columns as keyword arguments aligned with `completions`.
+
+The completions continue a prompt that ends in `<think>` (the R1 assistant prefill), so a
+well-formed completion looks like
+
+    I add 55 and 36 ... so 55 + 36 - 7 - 19 works.</think>
+    <answer> 55 + 36 - 7 - 19 </answer>
+
+Both functions work by `str.find`/`rfind` and `str.count` rather than backtracking regexes, so a
+hostile completion of a megabyte costs linear time, not quadratic.
+
+How they depart from the Mini-R1 seed: the seed's format regex required exactly one `\n` between
+`</think>` and `<answer>` and so rejected its own test completions (which have a blank line there);
+its equation reward ran `eval` on the answer, which admits `**` (`9**9**9**9` never returns) and
+compared floats with a tolerance. Here the answer is evaluated exactly (`expression.evaluate_answer`).
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Sequence
+
+from minigrpo.rewards.expression import InvalidExpression, evaluate_answer
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+_INT_STRING = re.compile(r"\s*-?[0-9]+\s*")  # ASCII digits only: int() would also take "٦٥"
+
+
+def is_well_formatted(completion: str) -> bool:
+    """True for `thinking</think>` + whitespace holding a newline + `<answer>...</answer>` + whitespace.
+
+    The thinking contains no `<think>`/`</think>` (the prompt already opened the block), `</think>`
+    appears once, the answer contains none of the four tags, and only whitespace follows `</answer>`.
+    Empty thinking or an empty answer is well-formatted: the equation reward judges the content.
+    """
+    if completion.count(THINK_OPEN) or completion.count(THINK_CLOSE) != 1:
+        return False
+    _, after_think = completion.split(THINK_CLOSE)
+    start = after_think.find(ANSWER_OPEN)
+    if start < 0:
+        return False
+    gap = after_think[:start]
+    if gap.strip() or "\n" not in gap:
+        return False
+    body = after_think[start + len(ANSWER_OPEN) :].rstrip()
+    if not body.endswith(ANSWER_CLOSE):
+        return False
+    content = body[: -len(ANSWER_CLOSE)]
+    return not any(tag in content for tag in _TAGS)
+
+
+def extract_answer(completion: str) -> str | None:
+    """Content of the last `<answer>...</answer>` block (the one closed last), or None if there is none."""
+    end = completion.rfind(ANSWER_CLOSE)
+    if end < 0:
+        return None
+    start = completion.rfind(ANSWER_OPEN, 0, end)
+    if start < 0:
+        return None
+    return completion[start + len(ANSWER_OPEN) : end]
+
+
+def is_correct_equation(completion: str, target: int, numbers: Sequence[int]) -> bool:
+    """True when the last answer block uses each of `numbers` once, only + - * / ( ), and equals `target`.
+
+    An optional trailing `= value` must equal `target` too. Any malformed answer is False, never an error.
+    """
+    answer = extract_answer(completion)
+    if answer is None:
+        return False
+    try:
+        value, claimed = evaluate_answer(answer, list(numbers))
+    except InvalidExpression:
+        return False
+    return value == target and (claimed is None or claimed == target)
+
+
+def format_reward(completions: list[str], **columns) -> list[float]:
+    """1.0 for each completion that `is_well_formatted`, else 0.0. Ignores the dataset columns."""
+    return [1.0 if is_well_formatted(c) else 0.0 for c in completions]
+
+
+def equation_reward(completions: list[str], target: Sequence, nums: Sequence, **columns) -> list[float]:
+    """1.0 for each completion whose last answer is a correct equation (`is_correct_equation`), else 0.0.
+
+    Args:
+        completions: [N] completion texts.
+        target: [N] targets, ints or integer strings ("65").
+        nums: [N] number lists: lists of ints, numpy arrays, or lists of integer strings.
+
+    Raises:
+        ValueError: when the columns are not aligned with `completions` or hold something that is not an
+            integer: that is a data error, not a bad completion, so it must not silently score 0.
+    """
+    if len(target) != len(completions) or len(nums) != len(completions):
+        raise ValueError(
+            f"equation_reward got {len(completions)} completions, {len(target)} targets, {len(nums)} nums"
+        )
+    scores = []
+    for c, t, ns in zip(completions, target, nums):
+        if isinstance(ns, str):  # e.g. "[1, 2, 3]" from a CSV that was not parsed
+            raise ValueError(f"nums must be a list of integers, got the string {ns!r}")
+        scores.append(1.0 if is_correct_equation(c, as_int(t), [as_int(x) for x in ns]) else 0.0)
+    return scores
+
+
+def as_int(value) -> int:
+    """An integer from an int, a numpy integer, or an integer string like " 65"; anything else raises.
+
+    Floats are refused even when integral: a float target means the data was built wrongly.
+    """
+    if isinstance(value, str):
+        if _INT_STRING.fullmatch(value) is None:
+            raise ValueError(f"expected an integer, got the string {value!r}")
+        return int(value)
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, got the bool {value!r}")
+    try:
+        return operator.index(value)  # int, numpy integer, 0-d integer tensor
+    except TypeError:
+        raise ValueError(f"expected an integer, got {type(value).__name__} {value!r}") from None
