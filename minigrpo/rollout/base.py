@@ -46,8 +46,10 @@ class RolloutBatch:
     """N = P*G completions, prompt-major: completions i*G .. i*G+G-1 belong to prompt i.
 
     `logprobs[i][t]` is the log-probability of `completion_ids[i][t]` under the distribution the
-    engine actually sampled from (logits divided by the temperature, before top-p/top-k), so that
-    it equals `token_logprobs(policy_logits, ids, temperature)` of the same weights.
+    engine actually sampled from (logits divided by the temperature), so that it equals
+    `token_logprobs(policy_logits, ids, temperature)` of the same weights. That holds without
+    top-p/top-k (top_p=1, top_k=0); with them, TorchEngine reports the value before filtering and
+    VLLMEngine (vLLM's processed logprobs) the one after filtering and renormalizing.
     """
 
     prompt_ids: list[list[int]]  # [N] ragged: the prompt of each completion (repeated per group)
@@ -81,6 +83,13 @@ class RolloutBatch:
     @property
     def truncated(self) -> list[bool]:
         return [r == "length" for r in self.finish_reasons]
+
+    def slice(self, s: slice) -> RolloutBatch:
+        """A micro-batch view (lists are copied, not tokens); `s` must cover whole sequences."""
+        return RolloutBatch(
+            self.prompt_ids[s], self.completion_ids[s], self.texts[s], self.logprobs[s],
+            self.finish_reasons[s], group_size=1,
+        )
 
     def padded(self, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded completion tensors: ids [N, T] long, mask [N, T] bool, logprobs [N, T] float32."""

