@@ -44,8 +44,10 @@ class Config:
 
     # -- rollout
     rollout: str = "vllm"  # vllm | torch
-    vllm_gpu_memory_utilization: float = 0.3  # on CPU: fraction of the NUMA node's memory for KV cache
-    vllm_max_model_len: int | None = None  # default: max_prompt_length + max_completion_length
+    # vLLM KV cache: give one of these, or neither for the engine's device default (2 GiB on CPU,
+    # 0.5 of the GPU, leaving the rest to the colocated trainer).
+    vllm_gpu_memory_utilization: float | None = None
+    vllm_kv_cache_gib: float | None = None
     sync_check_atol: float = 1e-3  # weight-push probe tolerance (log-probabilities)
     temperature: float = 1.0
     top_p: float = 1.0
@@ -81,6 +83,7 @@ class Config:
     gradient_checkpointing: bool = False
     reference_on_cpu: bool = False  # keep the frozen reference in CPU memory (GPU runs)
     logprob_chunk_tokens: int = 4096  # completion tokens per chunk when scoring with lm_head
+    max_nonfinite_steps: int = 3  # this many skipped (NaN/inf) steps in a row stop the run
 
     # -- rewards
     reward_weights: list[float] | None = None  # one per reward function; None = all 1.0
@@ -98,6 +101,13 @@ class Config:
     self_verification_phrases: list[str] = field(
         default_factory=lambda: ["wait", "let me check", "verify", "re-evaluate", "try again", "double-check"]
     )
+
+    def __post_init__(self):
+        # Built in Python or from a recipe, a config is checked the same way, at construction.
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        self.validate()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -117,14 +127,11 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict) -> Config:
-        hints = typing.get_type_hints(cls)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
-        cfg = cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
-        cfg.validate()
-        return cfg
+        return cls(**values)  # __post_init__ coerces and validates
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -143,7 +150,7 @@ class Config:
         need(self.num_generations >= 2, "num_generations", "GRPO needs at least 2 completions per prompt to compare")
         for key in ("max_steps", "prompts_per_step", "gradient_accumulation_steps", "num_iterations",
                     "max_prompt_length", "max_completion_length", "logging_steps", "save_total_limit",
-                    "logprob_chunk_tokens"):
+                    "logprob_chunk_tokens", "max_nonfinite_steps"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
         for key in ("eval_steps", "save_steps", "eval_num_samples", "num_completion_samples", "top_k"):
             need(getattr(self, key) >= 0, key, "must be >= 0")
@@ -158,7 +165,11 @@ class Config:
         need(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         need(self.temperature > 0, "temperature", "must be > 0 (training samples; greedy is for evaluation)")
         need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        need(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must be in (0, 1]")
+        need(self.vllm_gpu_memory_utilization is None or 0 < self.vllm_gpu_memory_utilization <= 1,
+             "vllm_gpu_memory_utilization", "must be in (0, 1]")
+        need(self.vllm_kv_cache_gib is None or self.vllm_kv_cache_gib > 0, "vllm_kv_cache_gib", "must be > 0")
+        need(self.vllm_kv_cache_gib is None or self.vllm_gpu_memory_utilization is None, "vllm_kv_cache_gib",
+             "give vllm_kv_cache_gib or vllm_gpu_memory_utilization, not both")
         need(self.reward_on_error in ("zero", "raise"), "reward_on_error", "must be zero or raise")
         need(self.reward_timeout > 0, "reward_timeout", "must be > 0 seconds")
         need(0 < self.test_size < 1, "test_size", "must be in (0, 1)")

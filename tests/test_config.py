@@ -71,3 +71,11 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = Config.from_dict({"max_steps": 7, "epsilon_high": 0.3})
     cfg.save(tmp_path / "c.yaml")
     assert Config.load(tmp_path / "c.yaml") == cfg
+
+
+def test_python_construction_is_checked_too():
+    with pytest.raises(ConfigError, match="num_generations"):
+        Config(num_generations=1)
+    with pytest.raises(ConfigError, match="learning_rate"):
+        Config(learning_rate="fast")
+    assert Config(learning_rate=1).learning_rate == 1.0

@@ -8,12 +8,41 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from minigrpo.scoring import completion_logprobs
 
 
+def _rms_norm_in_input_dtype(self, x):
+    # transformers' LlamaRMSNorm computes in float32 even in a float64 model, which limits any
+    # float64 comparison to float32 rounding (~3e-8 relative where two paths sum gradients in a
+    # different order); the test model keeps float64 throughout so the tolerances can be 1e-9.
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
 @pytest.fixture(scope="module")
 def model():
+    from transformers.models.llama import modeling_llama
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(modeling_llama.LlamaRMSNorm, "forward", _rms_norm_in_input_dtype)
+    yield _tiny_llama()
+    mp.undo()
+
+
+def _tiny_llama():
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(cfg).double().eval()
+
+
+def test_float32_norms_are_why_the_model_fixture_patches_them():
+    # the unpatched model: shared and plain paths agree only to float32 rounding
+    m = _tiny_llama()
+    w = torch.randn(6, 4, dtype=torch.float64)
+    g = []
+    for share in (True, False):
+        m.zero_grad()
+        (completion_logprobs(m, G_PROMPTS, G_COMPLETIONS, share_prompts=share) * w).sum().backward()
+        g.append(m.model.embed_tokens.weight.grad.clone())
+    rel = (g[0] - g[1]).abs().max() / g[1].abs().max()
+    assert 1e-12 < rel < 1e-6
 
 
 PROMPTS = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
@@ -29,9 +58,10 @@ def naive(model, temperature):
     return out
 
 
+@pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("temperature, chunk", [(1.0, 4096), (0.7, 2), (1.3, 1)])
-def test_matches_full_forward(model, temperature, chunk):
-    got = completion_logprobs(model, PROMPTS, COMPLETIONS, temperature, chunk_tokens=chunk)
+def test_matches_full_forward(model, temperature, chunk, share):
+    got = completion_logprobs(model, PROMPTS, COMPLETIONS, temperature, chunk_tokens=chunk, share_prompts=share)
     assert got.shape == (3, 4)
     want = naive(model, temperature)
     for i, row in enumerate(want):
@@ -53,3 +83,42 @@ def test_gradients_match_full_forward(model):
 def test_empty_prompt_is_refused(model):
     with pytest.raises(ValueError, match="empty prompt"):
         completion_logprobs(model, [[]], [[1]])
+
+
+# Two groups of 3 completions sharing their prompt (prompt-major, as the trainer passes them),
+# prompts of different lengths, completions ragged (one empty, one a single token).
+G_PROMPTS = [[5, 6, 7]] * 3 + [[9, 10, 11, 12, 13]] * 3
+G_COMPLETIONS = [[20, 21, 22], [23], [], [24, 25, 26, 27], [28, 29], [30]]
+
+
+def test_shared_prompt_values_and_gradients_equal_the_plain_path(model):
+    w = torch.randn(6, 4, dtype=torch.float64)
+    grads = []
+    for share in (True, False):
+        model.zero_grad()
+        lp = completion_logprobs(model, G_PROMPTS, G_COMPLETIONS, 0.8, chunk_tokens=5, share_prompts=share)
+        (lp * w).sum().backward()
+        grads.append((lp.detach(), [p.grad.clone() for p in model.parameters()]))
+    (shared, g_shared), (plain, g_plain) = grads
+    torch.testing.assert_close(shared, plain, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g_shared, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_shared_prompt_loss_and_gradients_equal_through_grpo_loss(model):
+    # the trick must give the same GRPO loss and parameter gradients, not only the same log-probs
+    from minigrpo.algo import grpo_loss
+
+    adv = torch.tensor([1.0, -0.5, 0.0, 0.7, -1.2, 0.5], dtype=torch.float64)
+    mask = torch.tensor([[1] * len(c) + [0] * (4 - len(c)) for c in G_COMPLETIONS], dtype=torch.bool)
+    ref = completion_logprobs(model, G_PROMPTS, G_COMPLETIONS, share_prompts=False).detach() - 0.1
+    results = []
+    for share in (True, False):
+        model.zero_grad()
+        lp = completion_logprobs(model, G_PROMPTS, G_COMPLETIONS, share_prompts=share)
+        loss, _ = grpo_loss(lp, None, ref, adv, mask, beta=0.04)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -1,0 +1,45 @@
+"""Mini-R1: teach a model the Countdown game with GRPO.
+
+    python examples/countdown.py                                  # the default CPU recipe
+    python examples/countdown.py --config recipes/qwen2.5-3b-countdown.yaml
+    python examples/countdown.py --max-steps 50 learning_rate=2e-6 beta=0.0
+    python examples/countdown.py --resume                         # continue the last checkpoint
+
+Any config key can be overridden as key=value (see minigrpo/config.py).
+"""
+
+import argparse
+from pathlib import Path
+
+from minigrpo import Config, train
+from minigrpo.data import R1_COUNTDOWN, load_countdown
+from minigrpo.rewards import equation_reward, format_reward
+
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "countdown_cpu.yaml"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_RECIPE), help="YAML recipe")
+    p.add_argument("--model", help="HF folder, hub name, or smollm2-135m-instruct")
+    p.add_argument("--output-dir")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--rollout", choices=["vllm", "torch"])
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # appended by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args()
+
+    flags = {"model": args.model, "output_dir": args.output_dir, "max_steps": args.max_steps, "rollout": args.rollout}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
+    cfg = Config.load(args.config, overrides)  # every config error surfaces here, before any model loads
+
+    splits = load_countdown(cfg.dataset, num_samples=cfg.dataset_size, test_size=cfg.test_size, seed=cfg.seed)
+    out = train(cfg, [format_reward, equation_reward], splits["train"], splits["test"], template=R1_COUNTDOWN,
+                resume=args.resume)
+    print(f"[minigrpo] done. outputs in {out}: metrics.jsonl, curves.png, completion_samples.txt, "
+          f"checkpoints/ (latest: {sorted((out / 'checkpoints').glob('step-*'))[-1].name})")
+
+
+if __name__ == "__main__":  # vLLM starts worker processes by spawn: the guard is required
+    main()

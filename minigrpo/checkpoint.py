@@ -1,0 +1,116 @@
+"""Atomic checkpoints: `checkpoints/step-000010/` exists only once it is complete.
+
+A checkpoint folder holds:
+    model/                 Hugging Face folder (config, safetensors, tokenizer): loads as-is in
+                           transformers (`from_pretrained`) and vLLM.
+    deepspeed/             DeepSpeed engine state: optimizer, LR schedule, (ZeRO) partitions.
+    trainer_state.json     step, data position, config digest.
+    rng_rank{r}.json / .safetensors   each rank's Python, NumPy and torch RNG states.
+
+Writes go to `step-000010.tmp/` and are renamed when every rank has finished, so a run killed
+mid-write leaves only a `.tmp` folder, which `latest_checkpoint` ignores and the next save removes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+_NAME = re.compile(r"^step-(\d{6,})$")
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return output_dir / "checkpoints" / f"step-{step:06d}"
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    root = output_dir / "checkpoints"
+    found = [(int(m.group(1)), p) for p in root.glob("step-*") if (m := _NAME.match(p.name)) and p.is_dir()]
+    return max(found)[1] if found else None
+
+
+def save_rng(folder: Path, rank: int) -> None:
+    np_state = np.random.get_state()
+    json.dump(
+        {"python": repr(random.getstate()), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
+        open(folder / f"rng_rank{rank}.json", "w"),
+    )
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, str(folder / f"rng_rank{rank}.safetensors"))
+
+
+def load_rng(folder: Path, rank: int) -> None:
+    import ast
+
+    state = json.load(open(folder / f"rng_rank{rank}.json"))
+    random.setstate(_to_tuple(ast.literal_eval(state["python"])))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    tensors = load_file(str(folder / f"rng_rank{rank}.safetensors"))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def prune(output_dir: Path, keep: int) -> None:
+    """Keep the `keep` newest complete checkpoints; remove older ones and stale .tmp folders."""
+    root = output_dir / "checkpoints"
+    found = sorted((int(m.group(1)), p) for p in root.glob("step-*") if (m := _NAME.match(p.name)))
+    for _, p in found[:-keep]:
+        shutil.rmtree(p)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save(output_dir: Path, step: int, policy, tokenizer, state: dict, rank: int, keep: int) -> Path:
+    """Write checkpoint `step` atomically; every rank calls it (the DeepSpeed save and the ZeRO-3
+    gather are collective)."""
+    final = checkpoint_dir(output_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        if tmp.exists():  # left by a run killed mid-write
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+    policy.save_checkpoint(str(tmp / "deepspeed"), client_state=state)
+    weights = dict(policy.full_weights())
+    if rank == 0:
+        policy.module.save_pretrained(tmp / "model", state_dict=weights)
+        tokenizer.save_pretrained(tmp / "model")
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    save_rng(tmp, rank)
+    _barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)  # the commit point: before it the checkpoint does not exist
+        prune(output_dir, keep)
+    _barrier()
+    return final
+
+
+def restore(folder: Path, policy, rank: int) -> dict:
+    """Load weights, optimizer, schedule and this rank's RNG; returns the trainer state."""
+    state = json.loads((folder / "trainer_state.json").read_text())
+    policy.load_checkpoint(str(folder / "deepspeed"))
+    load_rng(folder, rank)
+    return state

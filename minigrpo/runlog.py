@@ -1,0 +1,124 @@
+"""What a run writes for people to read: metrics.jsonl, TensorBoard events, completion samples,
+curves.png. Only rank 0 writes; the trainer decides what goes in."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+CURVES = (  # (title, metric keys drawn on it)
+    ("reward", ("reward/total/mean",)),
+    ("success and format rate", ("success_rate", "eval/success_rate", "eval/format_rate")),
+    ("completion length (tokens)", ("completion/length_mean",)),
+    ("KL to reference", ("kl",)),
+    ("self-verification phrase rate", ("completion/self_verification_rate",)),
+    ("grad norm", ("grad_norm",)),
+)
+
+
+class RunLog:
+    def __init__(self, output_dir: Path, enabled: bool, resume_step: int = 0):
+        self.dir = output_dir
+        self.enabled = enabled
+        self.history: list[dict] = []
+        if not enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / "metrics.jsonl"
+        if path.exists():  # on resume keep the steps before the checkpoint, drop any after it
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            self.history = [r for r in rows if r["step"] <= resume_step] if resume_step else []
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _finite_or_str(v) for k, v in metrics.items()}}
+        self.history.append(row)
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def samples(self, step: int, prompts: list[str], texts: list[str], rewards: list[float], solved: list[bool], k: int):
+        """The first k completions of the step to completion_samples.txt, every solved one to
+        success_completion_samples.txt."""
+        if not self.enabled or k == 0:
+            return
+
+        def block(i):
+            return f"=== step {step} | reward {rewards[i]:.3f}\n--- prompt\n{prompts[i]}\n--- completion\n{texts[i]}\n\n"
+
+        with open(self.dir / "completion_samples.txt", "a") as f:
+            f.writelines(block(i) for i in range(min(k, len(texts))))
+        with open(self.dir / "success_completion_samples.txt", "a") as f:
+            f.writelines(block(i) for i in range(len(texts)) if solved[i])
+
+    def curves(self) -> None:
+        """Redraw curves.png from the whole history (cheap: a few hundred points)."""
+        if not self.enabled or not self.history:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only; no display on training machines
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+        for ax, (title, keys) in zip(axes.flat, CURVES):
+            for key in keys:
+                pts = [(r["step"], r[key]) for r in self.history if isinstance(r.get(key), (int, float))]
+                if pts:
+                    ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None, label=key)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(self.dir / "curves.png", dpi=80)
+        plt.close(fig)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tb.close()
+
+
+def _finite_or_str(v):
+    """JSON has no NaN/inf; keep them visible as strings instead of writing invalid JSON."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class Progress:
+    """A progress bar with step, reward, success rate and ETA, plus one concise line per logging step."""
+
+    def __init__(self, enabled: bool, start: int, total: int):
+        self.enabled = enabled
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="grpo", unit="step", dynamic_ncols=True)
+            self.last = start
+
+    def update(self, step: int, m: dict) -> None:
+        if not self.enabled:
+            return
+        self.bar.update(step - self.last)
+        self.last = step
+        self.bar.set_postfix(reward=f"{m['reward/total/mean']:.3f}", success=f"{m['success_rate']:.2f}")
+        self.bar.write(
+            f"step {step}: reward {m['reward/total/mean']:.3f} success {m['success_rate']:.3f} "
+            f"kl {m['kl']:.4f} len {m['completion/length_mean']:.0f} grad {m['grad_norm']:.3f} "
+            f"lr {m['lr']:.2e} | {m['time/step']:.1f}s (gen {m['time/generate']:.1f}s, train {m['time/train']:.1f}s)"
+        )
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()

@@ -1,0 +1,336 @@
+"""The GRPO training loop: `train()` reads top to bottom, one optimizer step per iteration.
+
+Legend: P prompts per rank per step, G = num_generations, N = P*G completions per rank,
+T longest completion in a micro-batch.
+
+Each step: prompts -> rollout -> rewards -> advantages -> reference (and old) log-probs ->
+DeepSpeed update over micro-batches -> weight push into the rollout engine -> log/eval/save.
+Departures from the textbook, all deliberate: with num_iterations == 1 the importance ratio is
+exp(logp - sg(logp)) (value 1, PPO gradient) instead of using the engine's log-probs, which
+differ from the trainer's by float noise (logged as `logprob_gap`, a weight-sync health signal);
+for loss_type "bnpo" each micro-batch loss is rescaled so the step's loss is one token mean over
+every rank's tokens, not a mean of micro-batch means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from minigrpo import checkpoint as ckpt
+from minigrpo.algo import group_advantages, grpo_loss
+from minigrpo.batching import prepare_prompts, required_columns, step_prompt_indices
+from minigrpo.config import Config
+from minigrpo.engine import PolicyEngine, init_distributed
+from minigrpo.evaluation import evaluate, phrase_rate
+from minigrpo.models import load_causal_lm, load_tokenizer, resolve_model
+from minigrpo.rewards import Reward, repeat_columns, score_completions
+from minigrpo.rollout import Probe, Sampling, make_engine
+from minigrpo.runlog import Progress, RunLog
+from minigrpo.scoring import completion_logprobs
+
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 12 + 7 = 19."
+
+
+def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template=None, resume: bool = False) -> Path:
+    """Train with GRPO; returns the output directory. `rewards`: functions or `Reward`s."""
+    # ---------------------------------------------------------------- checks before heavy work
+    cfg.validate()
+    weights = cfg.reward_weights or [1.0] * len(rewards)
+    if len(weights) != len(rewards):
+        raise ValueError(f"reward_weights has {len(weights)} entries for {len(rewards)} reward functions")
+    rewards = [r if isinstance(r, Reward) else Reward(r, w) for r, w in zip(rewards, weights)]
+    for ds, name in ((train_dataset, "train"), (eval_dataset, "eval")):
+        if ds is None:
+            continue
+        if len(ds) == 0:
+            raise ValueError(f"the {name} dataset is empty")
+        for r in rewards:
+            missing = [c for c in required_columns(r.fn) if c not in ds.column_names]
+            if missing:
+                raise ValueError(f"reward {r.name!r} needs column(s) {missing}; the {name} dataset has {ds.column_names}")
+    model_path = resolve_model(cfg.model, cfg.model_cache_dir)  # a bad path fails here, in one line
+    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
+    train_set = prepare_prompts(train_dataset, tokenizer, template, cfg.max_prompt_length)  # too long: error
+    eval_set = prepare_prompts(eval_dataset, tokenizer, template, cfg.max_prompt_length) if eval_dataset else None
+
+    # ---------------------------------------------------------------- processes, models, engines
+    info = init_distributed()
+    layout = cfg.layout(info.world_size)
+    main = info.rank == 0
+    out = Path(cfg.output_dir)
+    G = cfg.num_generations
+    _seed_everything(cfg.seed + info.rank)
+    device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, cfg.dtype)
+    policy = PolicyEngine(load_causal_lm(model_path, dtype, cfg.trust_remote_code).to(device), cfg, layout)
+    reference = None  # never loaded when beta == 0
+    if cfg.beta > 0:
+        reference = load_causal_lm(model_path, dtype, cfg.trust_remote_code)
+        reference.to("cpu" if cfg.reference_on_cpu else device).eval().requires_grad_(False)
+    memory = {"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization, "kv_cache_gib": cfg.vllm_kv_cache_gib}
+    rollout = make_engine(
+        cfg.rollout, model_path, policy=policy.module, tokenizer=tokenizer, dtype=cfg.dtype,
+        seed=cfg.seed + info.rank, max_model_len=cfg.max_prompt_length + cfg.max_completion_length,
+        trust_remote_code=cfg.trust_remote_code, **{k: v for k, v in memory.items() if v is not None},
+    )
+    probe_ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+
+    start = 0
+    last = ckpt.latest_checkpoint(out) if resume else None
+    if resume and last is None and main:
+        print(f"[minigrpo] --resume: no complete checkpoint in {out / 'checkpoints'}; starting from step 0")
+    if last is not None:
+        start = ckpt.restore(last, policy, info.rank)["step"]
+        _push(rollout, policy, probe_ids, cfg)  # the engine still holds the base weights
+        if main:
+            print(f"[minigrpo] resumed from {last} (step {start})")
+    log = RunLog(out, main, resume_step=start)
+    if main:
+        cfg.save(out / "config.yaml")
+    sampling = Sampling(n=G, max_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                        top_p=cfg.top_p, top_k=cfg.top_k, stop=tuple(cfg.stop))
+    progress = Progress(main, start, cfg.max_steps)
+    stop = _StopOnSignal()  # SIGINT/SIGTERM: finish this step, checkpoint, exit
+    nonfinite_in_a_row = 0
+
+    for step in range(start + 1, cfg.max_steps + 1):
+        timer = _Timer()
+        # ------------------------------------------------------------ 1. this rank's prompts
+        idx = step_prompt_indices(step, len(train_set), cfg.prompts_per_step, cfg.seed, info.rank, info.world_size)
+        prompt_texts, prompt_ids, columns = train_set.select(idx)  # [P]
+
+        # ------------------------------------------------------------ 2. rollout: G per prompt
+        with timer("generate"):
+            seed = cfg.seed * 1_000_003 + step * 1009 + info.rank  # same samples on resume
+            batch = rollout.generate(prompt_ids, dataclasses.replace(sampling, seed=seed))  # N completions
+
+        # ------------------------------------------------------------ 3. rewards -> advantages
+        with timer("reward"):
+            scores = score_completions(
+                rewards, batch.texts, [t for t in prompt_texts for _ in range(G)], repeat_columns(columns, G), G,
+                on_error=cfg.reward_on_error, timeout_s=cfg.reward_timeout,
+            )
+        advantages = group_advantages(scores.total, G, cfg.scale_rewards, cfg.advantage_eps)  # [N]
+
+        # ------------------------------------------------------------ 4. reference / old log-probs
+        micro = [slice(i, i + layout.micro_batch) for i in range(0, len(batch), layout.micro_batch)]
+        with timer("reference"), torch.no_grad():
+            ref_lp = [_score(reference, batch, s, cfg) for s in micro] if reference is not None else None
+            old_lp = [_score(policy.module, batch, s, cfg) for s in micro] if cfg.num_iterations > 1 else None
+
+        # ------------------------------------------------------------ 5. update (DeepSpeed)
+        with timer("train"):
+            loss_scale = _loss_scales(batch, micro, cfg, info.world_size)
+            stats, grad_norm, gap, applied = [], float("nan"), [], 0
+            for it in range(cfg.num_iterations):
+                for k, s in enumerate(micro):
+                    lp = _score(policy.module, batch, s, cfg)  # [n, T] with grad
+                    _, mask, engine_lp = batch.slice(s).padded(tokenizer.pad_token_id)
+                    mask = mask.to(lp.device)
+                    loss, m = grpo_loss(
+                        lp, old_lp[k] if old_lp else None, ref_lp[k] if ref_lp else None,
+                        advantages[s].to(lp.device), mask, beta=cfg.beta, eps_low=cfg.epsilon,
+                        eps_high=cfg.epsilon_high, loss_type=cfg.loss_type,
+                        max_completion_length=cfg.max_completion_length,
+                    )
+                    policy.backward(loss * loss_scale[k])
+                    norm = policy.step()  # optimizer + schedule step at the accumulation boundary
+                    if norm is not None:  # an accumulation boundary: the optimizer ran (or skipped)
+                        grad_norm = norm
+                        applied += not policy.last_step_skipped
+                    stats.append(m)
+                    if it == 0:
+                        gap.append(((lp.detach().float().cpu() - engine_lp).abs() * mask.cpu()).sum() / mask.sum().clamp(min=1))
+
+        # ------------------------------------------------------------ 6. weight push
+        with timer("push"):
+            if applied:  # a skipped (non-finite) step changed nothing: the engine is still in sync
+                _push(rollout, policy, probe_ids, cfg)
+        nonfinite_in_a_row = 0 if applied else nonfinite_in_a_row + 1
+
+        # ------------------------------------------------------------ 7. log, samples, eval, save
+        success = scores.per_reward.get(cfg.success_reward)
+        solved = [v == 1.0 for v in success] if success else [False] * len(batch)
+        lengths = [len(c) for c in batch.completion_ids]
+        metrics = {
+            **scores.metrics(),
+            **{k: float(np.mean([m[k] for m in stats])) for k in stats[0]},
+            "success_rate": float(np.mean(solved)) if success else float("nan"),
+            "zero_spread_groups": float(np.mean([len(set(g)) == 1 for g in np.array(scores.total).reshape(-1, G).tolist()])),
+            "grad_norm": grad_norm, "lr": policy.lr,
+            "completion/length_mean": float(np.mean(lengths)), "completion/length_max": float(max(lengths)),
+            "completion/truncated_fraction": float(np.mean(batch.truncated)),
+            "completion/self_verification_rate": phrase_rate(batch.texts, cfg.self_verification_phrases),
+            "logprob_gap": float(torch.stack(gap).mean()),
+            **timer.metrics(), "tokens_per_second": sum(lengths) / max(timer.seconds["generate"], 1e-9),
+            "nonfinite_skipped_steps": float(policy.optimizer.skipped),
+        }
+        metrics = _reduce(metrics)
+        metrics["batch/completions"] = _sum_over_ranks(len(batch))  # = prompts_per_step * G
+        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+            metrics["param_checksum"] = _check_replicas(policy)
+        if main:
+            log.samples(step, [t for t in prompt_texts for _ in range(G)], batch.texts, scores.total.tolist(), solved, cfg.num_completion_samples)
+        if eval_set is not None and (step == cfg.max_steps or (cfg.eval_steps and step % cfg.eval_steps == 0)):
+            metrics.update(evaluate(rollout, eval_set, rewards, cfg, info))
+        log.log(step, metrics)
+        if main and (step % cfg.logging_steps == 0 or step == cfg.max_steps):
+            progress.update(step, metrics)
+            log.curves()
+        interrupted = stop.requested()
+        if nonfinite_in_a_row >= cfg.max_nonfinite_steps or interrupted or step == cfg.max_steps or (
+            cfg.save_steps and step % cfg.save_steps == 0
+        ):
+            saved = ckpt.save(out, step, policy, tokenizer,
+                              {"step": step, "data_position": step * cfg.prompts_per_step}, info.rank,
+                              cfg.save_total_limit)
+        if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+            raise RuntimeError(
+                f"{nonfinite_in_a_row} steps in a row had NaN/inf gradients and were skipped; stopping. "
+                f"The last good weights are in {saved} (lower learning_rate or max_grad_norm, check rewards)"
+            )
+        if interrupted:
+            if main:
+                print(f"\n[minigrpo] interrupted: step {step} finished and saved to {saved}. "
+                      f"Resume with the same command plus --resume (train(..., resume=True)).")
+            break
+    stop.restore()
+    progress.close()
+    log.close()
+    return out
+
+
+def _score(model, batch, s: slice, cfg: Config) -> torch.Tensor:
+    """[n, T] log-probs of the micro-batch's completion tokens under `model`."""
+    return completion_logprobs(model, batch.prompt_ids[s], batch.completion_ids[s], cfg.temperature,
+                               cfg.logprob_chunk_tokens)
+
+
+def _loss_scales(batch, micro: list[slice], cfg: Config, world: int) -> list[float]:
+    """Per-micro-batch factors so DeepSpeed's mean over micro-batches and ranks gives the intended
+    loss. grpo (mean of sequence means) and dr_grpo (constant denominator) need none with equal
+    micro-batches; bnpo's token mean becomes one mean over all tokens of all ranks."""
+    if cfg.loss_type != "bnpo":
+        return [1.0] * len(micro)
+    tokens = [sum(len(c) for c in batch.completion_ids[s]) for s in micro]
+    total = torch.tensor(float(sum(tokens)))
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return [t * len(micro) * world / max(total.item(), 1.0) for t in tokens]
+
+
+def _push(rollout, policy: PolicyEngine, probe_ids: list[int], cfg: Config) -> None:
+    """New weights into the rollout engine, then verified by a probe scored with the policy."""
+    if rollout.shares_policy_weights:
+        return
+    with torch.no_grad():
+        expected = completion_logprobs(policy.module, [probe_ids[:1]], [probe_ids[1:]], 1.0)[0]
+    probe = Probe(tuple(probe_ids), tuple(expected.float().tolist()), cfg.sync_check_atol)
+    rollout.push_weights(policy.full_weights(), probe)
+
+
+def _reduce(metrics: dict[str, float]) -> dict[str, float]:
+    """Average over ranks (max for *_max keys) so rank 0 logs the global picture."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return metrics
+    keys = sorted(metrics)
+    vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    maxes = vals.clone()
+    dist.all_reduce(vals)
+    dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+    n = dist.get_world_size()
+    return {k: (maxes[i] if k.endswith("_max") else vals[i] / n).item() for i, k in enumerate(keys)}
+
+
+def _sum_over_ranks(x: float) -> float:
+    t = torch.tensor(float(x), dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.item()
+
+
+def _check_replicas(policy: PolicyEngine) -> float:
+    """A checksum of the weights, and an error if data-parallel replicas have diverged (a silent
+    failure mode of mismatched batches or a missed all-reduce). ZeRO-3 shards differ by design,
+    so there each rank's shard is summed into one global checksum instead."""
+    with torch.no_grad():
+        local = sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(policy.module.parameters()))
+    local = torch.as_tensor(local, dtype=torch.float64).cpu()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local.item()
+    if policy.zero_stage == 3:
+        dist.all_reduce(local)
+        return local.item()
+    lo, hi = local.clone(), local.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if lo.item() != hi.item():
+        raise RuntimeError(f"data-parallel replicas diverged: weight checksums range {lo.item()!r} .. {hi.item()!r}")
+    return local.item()
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM set a flag instead of killing the run; the loop checks it after each step,
+    agreed over ranks, so every rank saves the same checkpoint. A second signal kills at once."""
+
+    def __init__(self):
+        self.flag = False
+        self.previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay with their default handlers
+                pass
+
+    def _handle(self, signum, frame):
+        if self.flag:
+            self.restore()
+            raise KeyboardInterrupt
+        self.flag = True
+        print(f"\n[minigrpo] {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+              "(send it again to stop at once)", flush=True)
+
+    def requested(self) -> bool:
+        t = torch.tensor(float(self.flag))
+        if dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item() > 0
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class _Timer:
+    def __init__(self):
+        self.seconds = {k: 0.0 for k in ("generate", "reward", "reference", "train", "push")}
+
+    def __call__(self, name):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[name] += time.perf_counter() - self.t
+
+        return _Span()
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{k}": v for k, v in self.seconds.items()} | {"time/step": sum(self.seconds.values())}
