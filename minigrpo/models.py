@@ -69,7 +69,7 @@ def _hub_model(repo_id: str) -> Path:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FileNotFoundError(
             f"could not get '{repo_id}' from the Hugging Face hub or its cache ({reason}); on a machine "
-            f"with network run `huggingface-cli download {repo_id}` (or copy the folder here and pass its "
+            f"with network run `hf download {repo_id}` (or copy the folder here and pass its "
             f"path), or use the built-in 'smollm2-135m-instruct'"
         ) from None
 
