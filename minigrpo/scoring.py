@@ -16,6 +16,8 @@ from torch.utils.checkpoint import checkpoint
 
 from minigrpo.algo import token_logprobs
 
+CHUNK_LOGITS_BYTES = 256 * 2**20
+
 
 def _chunk_logprobs(head: torch.nn.Module, h: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
     logits = head(h)  # [m, V]
@@ -27,7 +29,7 @@ def completion_logprobs(
     prompt_ids: list[list[int]],
     completion_ids: list[list[int]],
     temperature: float = 1.0,
-    chunk_tokens: int = 4096,
+    chunk_tokens: int | None = None,
     pad_id: int = 0,
     share_prompts: bool = True,
 ) -> torch.Tensor:
@@ -38,6 +40,9 @@ def completion_logprobs(
             is the LM head); may be the module inside a DeepSpeed engine.
         prompt_ids, completion_ids: [B] ragged token lists.
         temperature: divide logits by it (the rollout's sampling temperature).
+        chunk_tokens: completion tokens per LM-head chunk; None sizes a chunk's float32 logits to
+            about CHUNK_LOGITS_BYTES (1,365 tokens at SmolLM2's 49,152 vocabulary, 441 at
+            Qwen2.5's 151,936), so peak extra memory does not grow with the batch.
         share_prompts: run each run of consecutive identical prompts (a GRPO group) through the
             model once and let its completions attend to that one KV cache, expanded per
             completion by index_select, so gradients from every completion flow back into the
@@ -69,7 +74,25 @@ def completion_logprobs(
     rows_t = torch.tensor(rows, dtype=torch.long, device=device)
     h = hidden[rows_t, torch.tensor(src_cols, dtype=torch.long, device=device)]  # [M, H]
     ids = torch.tensor([completion_ids[r][c] for r, c in zip(rows, cols)], dtype=torch.long, device=device)  # [M]
-    head = model.get_output_embeddings()
+    out = torch.zeros((b, t), dtype=torch.promote_types(hidden.dtype, torch.float32), device=device)  # [B, T]
+    if len(ids):
+        lp = head_logprobs(model.get_output_embeddings(), h, ids, temperature, chunk_tokens)  # [M]
+        out = out.index_put((rows_t, torch.tensor(cols, dtype=torch.long, device=device)), lp)
+    elif torch.is_grad_enabled():
+        out = out + 0.0 * hidden.sum()  # every completion empty: keep a graph so backward is a no-op
+    return out
+
+
+def head_logprobs(
+    head: torch.nn.Module, h: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0, chunk_tokens: int | None = None
+) -> torch.Tensor:
+    """log softmax(head(h) / temperature)[ids] for M hidden states h [M, H] and tokens ids [M].
+
+    A chunk of rows at a time; with grad enabled each chunk's logits are recomputed in backward
+    (activation checkpointing), so at most one chunk of [chunk, V] logits is alive at once.
+    """
+    if chunk_tokens is None:
+        chunk_tokens = max(1, CHUNK_LOGITS_BYTES // (4 * head.weight.shape[0]))
     pieces = []
     for start in range(0, len(ids), chunk_tokens):
         hc, ic = h[start : start + chunk_tokens], ids[start : start + chunk_tokens]
@@ -77,12 +100,7 @@ def completion_logprobs(
             pieces.append(checkpoint(_chunk_logprobs, head, hc, ic, temperature, use_reentrant=False))
         else:
             pieces.append(_chunk_logprobs(head, hc, ic, temperature))
-    out = torch.zeros((b, t), dtype=torch.promote_types(hidden.dtype, torch.float32), device=device)  # [B, T]
-    if pieces:
-        out = out.index_put((rows_t, torch.tensor(cols, dtype=torch.long, device=device)), torch.cat(pieces))
-    elif torch.is_grad_enabled():
-        out = out + 0.0 * hidden.sum()  # every completion empty: keep a graph so backward is a no-op
-    return out
+    return torch.cat(pieces)  # [M]
 
 
 def _token_positions(completion_ids: list[list[int]]) -> tuple[list[int], list[int]]:

@@ -79,7 +79,8 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
     rollout = make_engine(
         cfg.rollout, model_path, policy=policy.module, tokenizer=tokenizer, dtype=cfg.dtype,
         seed=cfg.seed + info.rank, max_model_len=cfg.max_prompt_length + cfg.max_completion_length,
-        trust_remote_code=cfg.trust_remote_code, **{k: v for k, v in memory.items() if v is not None},
+        trust_remote_code=cfg.trust_remote_code, enforce_eager=cfg.vllm_enforce_eager,
+        **{k: v for k, v in memory.items() if v is not None},
     )
     probe_ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
 
@@ -172,6 +173,9 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
             "logprob_gap": float(torch.stack(gap).mean()),
             **timer.metrics(), "tokens_per_second": sum(lengths) / max(timer.seconds["generate"], 1e-9),
             "nonfinite_skipped_steps": float(policy.optimizer.skipped),
+            # tokens run through the model (a group's shared prompt counts once): for FLOP/s
+            "tokens/train": float(sum(_forward_tokens(batch, s) for s in micro) * cfg.num_iterations),
+            "tokens/reference": float(sum(_forward_tokens(batch, s) for s in micro) if reference is not None else 0),
         }
         metrics = _reduce(metrics)
         metrics["batch/completions"] = _sum_over_ranks(len(batch))  # = prompts_per_step * G
@@ -212,6 +216,13 @@ def _score(model, batch, s: slice, cfg: Config) -> torch.Tensor:
     """[n, T] log-probs of the micro-batch's completion tokens under `model`."""
     return completion_logprobs(model, batch.prompt_ids[s], batch.completion_ids[s], cfg.temperature,
                                cfg.logprob_chunk_tokens)
+
+
+def _forward_tokens(batch, s: slice) -> int:
+    """Tokens `completion_logprobs` runs for this micro-batch: each run of identical prompts once."""
+    prompts = batch.prompt_ids[s]
+    unique = sum(len(p) for i, p in enumerate(prompts) if i == 0 or p != prompts[i - 1])
+    return unique + sum(len(c) for c in batch.completion_ids[s])
 
 
 def _loss_scales(batch, micro: list[slice], cfg: Config, world: int) -> list[float]:

@@ -60,7 +60,7 @@ TINY_DEFAULTS = [
     "max_steps=30", "prompts_per_step=4", "num_generations=8", "gradient_accumulation_steps=2",
     "max_prompt_length=16", "max_completion_length=8", "learning_rate=3e-3", "warmup_ratio=0.0",
     "lr_scheduler_type=constant", "beta=0.0", "success_reward=says_a", "eval_num_samples=8",
-    "num_completion_samples=2", "sync_check_atol=1e-3", "vllm_kv_cache_gib=0.25",
+    "num_completion_samples=2", "sync_check_atol=1e-3", "vllm_kv_cache_gib=0.25", "vllm_enforce_eager=true",
 ]
 
 
