@@ -15,9 +15,6 @@ every rank's tokens, not a mean of micro-batch means.
 from __future__ import annotations
 
 import dataclasses
-import random
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +31,7 @@ from minigrpo.models import load_causal_lm, load_tokenizer, resolve_model
 from minigrpo.rewards import Reward, repeat_columns, score_completions
 from minigrpo.rollout import Probe, Sampling, make_engine
 from minigrpo.runlog import Progress, RunLog
+from minigrpo.runtime import PhaseTimer, StopOnSignal, check_replicas, reduce_metrics, seed_everything, sum_over_ranks
 from minigrpo.scoring import completion_logprobs
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 12 + 7 = 19."
@@ -67,7 +65,7 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
     main = info.rank == 0
     out = Path(cfg.output_dir)
     G = cfg.num_generations
-    _seed_everything(cfg.seed + info.rank)
+    seed_everything(cfg.seed + info.rank)
     device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, cfg.dtype)
     policy = PolicyEngine(load_causal_lm(model_path, dtype, cfg.trust_remote_code).to(device), cfg, layout)
@@ -80,6 +78,8 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
         cfg.rollout, model_path, policy=policy.module, tokenizer=tokenizer, dtype=cfg.dtype,
         seed=cfg.seed + info.rank, max_model_len=cfg.max_prompt_length + cfg.max_completion_length,
         trust_remote_code=cfg.trust_remote_code, enforce_eager=cfg.vllm_enforce_eager,
+        server_host=cfg.vllm_server_host, server_port=cfg.vllm_server_port, server_timeout=cfg.vllm_server_timeout,
+        tensor_parallel_size=cfg.vllm_server_tensor_parallel_size,  # the server_* options: rollout=vllm_server only
         **{k: v for k, v in memory.items() if v is not None},
     )
     probe_ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
@@ -99,11 +99,11 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
     sampling = Sampling(n=G, max_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                         top_p=cfg.top_p, top_k=cfg.top_k, stop=tuple(cfg.stop))
     progress = Progress(main, start, cfg.max_steps)
-    stop = _StopOnSignal()  # SIGINT/SIGTERM: finish this step, checkpoint, exit
+    stop = StopOnSignal()  # SIGINT/SIGTERM: finish this step, checkpoint, exit
     nonfinite_in_a_row = 0
 
     for step in range(start + 1, cfg.max_steps + 1):
-        timer = _Timer()
+        timer = PhaseTimer()
         # ------------------------------------------------------------ 1. this rank's prompts
         idx = step_prompt_indices(step, len(train_set), cfg.prompts_per_step, cfg.seed, info.rank, info.world_size)
         prompt_texts, prompt_ids, columns = train_set.select(idx)  # [P]
@@ -177,10 +177,10 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
             "tokens/train": float(sum(_forward_tokens(batch, s) for s in micro) * cfg.num_iterations),
             "tokens/reference": float(sum(_forward_tokens(batch, s) for s in micro) if reference is not None else 0),
         }
-        metrics = _reduce(metrics)
-        metrics["batch/completions"] = _sum_over_ranks(len(batch))  # = prompts_per_step * G
+        metrics = reduce_metrics(metrics)
+        metrics["batch/completions"] = sum_over_ranks(len(batch))  # = prompts_per_step * G
         if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-            metrics["param_checksum"] = _check_replicas(policy)
+            metrics["param_checksum"] = check_replicas(policy)
         if main:
             log.samples(step, [t for t in prompt_texts for _ in range(G)], batch.texts, scores.total.tolist(), solved, cfg.num_completion_samples)
         if eval_set is not None and (step == cfg.max_steps or (cfg.eval_steps and step % cfg.eval_steps == 0)):
@@ -246,102 +246,3 @@ def _push(rollout, policy: PolicyEngine, probe_ids: list[int], cfg: Config) -> N
         expected = completion_logprobs(policy.module, [probe_ids[:1]], [probe_ids[1:]], 1.0)[0]
     probe = Probe(tuple(probe_ids), tuple(expected.float().tolist()), cfg.sync_check_atol)
     rollout.push_weights(policy.full_weights(), probe)
-
-
-def _reduce(metrics: dict[str, float]) -> dict[str, float]:
-    """Average over ranks (max for *_max keys) so rank 0 logs the global picture."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return metrics
-    keys = sorted(metrics)
-    vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    maxes = vals.clone()
-    dist.all_reduce(vals)
-    dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
-    n = dist.get_world_size()
-    return {k: (maxes[i] if k.endswith("_max") else vals[i] / n).item() for i, k in enumerate(keys)}
-
-
-def _sum_over_ranks(x: float) -> float:
-    t = torch.tensor(float(x), dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.item()
-
-
-def _check_replicas(policy: PolicyEngine) -> float:
-    """A checksum of the weights, and an error if data-parallel replicas have diverged (a silent
-    failure mode of mismatched batches or a missed all-reduce). ZeRO-3 shards differ by design,
-    so there each rank's shard is summed into one global checksum instead."""
-    with torch.no_grad():
-        local = sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(policy.module.parameters()))
-    local = torch.as_tensor(local, dtype=torch.float64).cpu()
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return local.item()
-    if policy.zero_stage == 3:
-        dist.all_reduce(local)
-        return local.item()
-    lo, hi = local.clone(), local.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    if lo.item() != hi.item():
-        raise RuntimeError(f"data-parallel replicas diverged: weight checksums range {lo.item()!r} .. {hi.item()!r}")
-    return local.item()
-
-
-class _StopOnSignal:
-    """SIGINT/SIGTERM set a flag instead of killing the run; the loop checks it after each step,
-    agreed over ranks, so every rank saves the same checkpoint. A second signal kills at once."""
-
-    def __init__(self):
-        self.flag = False
-        self.previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay with their default handlers
-                pass
-
-    def _handle(self, signum, frame):
-        if self.flag:
-            self.restore()
-            raise KeyboardInterrupt
-        self.flag = True
-        print(f"\n[minigrpo] {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-              "(send it again to stop at once)", flush=True)
-
-    def requested(self) -> bool:
-        t = torch.tensor(float(self.flag))
-        if dist.is_initialized():
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item() > 0
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-class _Timer:
-    def __init__(self):
-        self.seconds = {k: 0.0 for k in ("generate", "reward", "reference", "train", "push")}
-
-    def __call__(self, name):
-        timer = self
-
-        class _Span:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.seconds[name] += time.perf_counter() - self.t
-
-        return _Span()
-
-    def metrics(self) -> dict[str, float]:
-        return {f"time/{k}": v for k, v in self.seconds.items()} | {"time/step": sum(self.seconds.values())}
