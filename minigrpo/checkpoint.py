@@ -4,7 +4,8 @@ A checkpoint folder holds:
     model/                 Hugging Face folder (config, safetensors, tokenizer): loads as-is in
                            transformers (`from_pretrained`) and vLLM.
     deepspeed/             DeepSpeed engine state: optimizer, LR schedule, (ZeRO) partitions.
-    trainer_state.json     step, data position, config digest.
+    trainer_state.json     step, data position, skipped-step counters, and the settings that fix
+                           the data order (checked on resume).
     rng_rank{r}.json / .safetensors   each rank's Python, NumPy and torch RNG states.
 
 Writes go to `step-000010.tmp/` and are renamed when every rank has finished, so a run killed
@@ -72,6 +73,8 @@ def prune(output_dir: Path, keep: int) -> None:
     found = sorted((int(m.group(1)), p) for p in root.glob("step-*") if (m := _NAME.match(p.name)))
     for _, p in found[:-keep]:
         shutil.rmtree(p)
+    for p in root.glob("step-*.tmp"):  # half-written by a killed run: never complete, never used
+        shutil.rmtree(p)
 
 
 def _barrier() -> None:
@@ -87,8 +90,8 @@ def save(output_dir: Path, step: int, policy, tokenizer, state: dict, rank: int,
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
-        if tmp.exists():  # left by a run killed mid-write
-            shutil.rmtree(tmp)
+        for stale in (output_dir / "checkpoints").glob("step-*.tmp"):  # left by runs killed mid-write
+            shutil.rmtree(stale)
         tmp.mkdir(parents=True)
     _barrier()
     policy.save_checkpoint(str(tmp / "deepspeed"), client_state=state)

@@ -34,7 +34,7 @@ def init_distributed() -> DistInfo:
     """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not torch.cuda.is_available():
         # Explicit CPU accelerator: without it DeepSpeed guesses, with a warning per process.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -45,6 +45,15 @@ def init_distributed() -> DistInfo:
     return DistInfo(
         torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
     )
+
+
+def _free_port() -> int:
+    """A port nobody listens on now (one process: nobody else needs to agree on it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def deepspeed_config(cfg: Config, layout: Layout) -> dict:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import warnings
 from pathlib import Path
 
 CURVES = (  # (title, metric keys drawn on it)
@@ -26,10 +28,13 @@ class RunLog:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / "metrics.jsonl"
-        if path.exists():  # on resume keep the steps before the checkpoint, drop any after it
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            self.history = [r for r in rows if r["step"] <= resume_step] if resume_step else []
-        path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        if path.exists() and resume_step:  # keep the steps up to the checkpoint, drop any after it
+            self.history = [r for r in _read_rows(path) if r["step"] <= resume_step]
+        # Write the kept history to a new file and rename it over the old one: a crash in
+        # between leaves the old history whole, never a truncated one.
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        os.replace(tmp, path)
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
@@ -87,6 +92,19 @@ class RunLog:
     def close(self) -> None:
         if self.enabled:
             self.tb.close()
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """metrics.jsonl rows; a line torn by a crash (it can only follow the checkpoint) is skipped."""
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}:{i}: skipping a line torn by an earlier crash", stacklevel=3)
+    return rows
 
 
 def _finite_or_str(v):

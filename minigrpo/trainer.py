@@ -24,7 +24,7 @@ import torch.distributed as dist
 from minigrpo import checkpoint as ckpt
 from minigrpo.algo import group_advantages, grpo_loss
 from minigrpo.batching import prepare_prompts, required_columns, step_prompt_indices
-from minigrpo.config import Config
+from minigrpo.config import Config, ConfigError
 from minigrpo.engine import PolicyEngine, init_distributed
 from minigrpo.evaluation import evaluate, phrase_rate
 from minigrpo.models import load_causal_lm, load_tokenizer, resolve_model
@@ -45,6 +45,15 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
     if len(weights) != len(rewards):
         raise ValueError(f"reward_weights has {len(weights)} entries for {len(rewards)} reward functions")
     rewards = [r if isinstance(r, Reward) else Reward(r, w) for r, w in zip(rewards, weights)]
+    names = [r.name for r in rewards]
+    if len(set(names)) != len(names):
+        raise ValueError(f"reward names must be unique (they key the metrics), got {names}; pass Reward(fn, name=...)")
+    out = Path(cfg.output_dir)
+    if not resume and ckpt.latest_checkpoint(out) is not None:
+        raise FileExistsError(
+            f"{out} already holds checkpoints of another run ({ckpt.latest_checkpoint(out).name}); "
+            "continue it with --resume (train(..., resume=True)) or choose another output_dir"
+        )
     for ds, name in ((train_dataset, "train"), (eval_dataset, "eval")):
         if ds is None:
             continue
@@ -63,7 +72,6 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
     info = init_distributed()
     layout = cfg.layout(info.world_size)
     main = info.rank == 0
-    out = Path(cfg.output_dir)
     G = cfg.num_generations
     seed_everything(cfg.seed + info.rank)
     device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
@@ -88,8 +96,12 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
     last = ckpt.latest_checkpoint(out) if resume else None
     if resume and last is None and main:
         print(f"[minigrpo] --resume: no complete checkpoint in {out / 'checkpoints'}; starting from step 0")
+    nonfinite_in_a_row = 0
     if last is not None:
-        start = ckpt.restore(last, policy, info.rank)["step"]
+        state = ckpt.restore(last, policy, info.rank)
+        _check_same_data_order(state, cfg, last)
+        start, nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
+        policy.optimizer.skipped = state["nonfinite_skipped_steps"]
         _push(rollout, policy, probe_ids, cfg)  # the engine still holds the base weights
         if main:
             print(f"[minigrpo] resumed from {last} (step {start})")
@@ -100,7 +112,6 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
                         top_p=cfg.top_p, top_k=cfg.top_k, stop=tuple(cfg.stop))
     progress = Progress(main, start, cfg.max_steps)
     stop = StopOnSignal()  # SIGINT/SIGTERM: finish this step, checkpoint, exit
-    nonfinite_in_a_row = 0
 
     for step in range(start + 1, cfg.max_steps + 1):
         timer = PhaseTimer()
@@ -193,9 +204,10 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
         if nonfinite_in_a_row >= cfg.max_nonfinite_steps or interrupted or step == cfg.max_steps or (
             cfg.save_steps and step % cfg.save_steps == 0
         ):
-            saved = ckpt.save(out, step, policy, tokenizer,
-                              {"step": step, "data_position": step * cfg.prompts_per_step}, info.rank,
-                              cfg.save_total_limit)
+            state = {"step": step, "data_position": step * cfg.prompts_per_step,
+                     "nonfinite_skipped_steps": policy.optimizer.skipped, "nonfinite_in_a_row": nonfinite_in_a_row,
+                     "data_order": _data_order(cfg)}
+            saved = ckpt.save(out, step, policy, tokenizer, state, info.rank, cfg.save_total_limit)
         if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
             raise RuntimeError(
                 f"{nonfinite_in_a_row} steps in a row had NaN/inf gradients and were skipped; stopping. "
@@ -210,6 +222,20 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
     progress.close()
     log.close()
     return out
+
+
+def _data_order(cfg: Config) -> dict:
+    """The settings that decide which prompts step k trains on (see batching.step_prompt_indices)."""
+    return {k: getattr(cfg, k) for k in ("seed", "prompts_per_step", "num_generations", "dataset", "dataset_size", "test_size")}
+
+
+def _check_same_data_order(state: dict, cfg: Config, folder: Path) -> None:
+    saved = state.get("data_order", {})
+    changed = {k: (saved.get(k), v) for k, v in _data_order(cfg).items() if saved.get(k) != v}
+    if changed:
+        detail = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items())
+        raise ConfigError(f"cannot resume {folder} with a different data order ({detail}); "
+                          "use the checkpoint's values or start a new output_dir")
 
 
 def _score(model, batch, s: slice, cfg: Config) -> torch.Tensor:

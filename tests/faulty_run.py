@@ -1,0 +1,121 @@
+"""The tiny task (tests/tiny_task.py) with faults injected, for tests/test_reliability.py.
+
+    python tests/faulty_run.py MODEL_DIR OUT_DIR [--rewards=says_a,raises_on_b,...] [--nan-at=2,4]
+                               [--hang-at=K] [--break-push-at=K] [--resume] [key=value ...]
+
+--rewards=A,B      train on these rewards (default says_a), named as the functions below
+--nan-at=K,...     multiply the loss by NaN at these steps (every micro-batch of the step)
+--hang-at=K        the reward `hangs_at_step` sleeps for 1e6 s from step K on (0.0 before)
+--break-push-at=K  from step K on the vLLM weight push loads nothing (its `_load_chunk` is a no-op)
+
+The faults are injected by wrapping names the trainer looks up at call time
+(`minigrpo.trainer.grpo_loss`, `score_completions`, `_push`, `step_prompt_indices`); nothing in
+minigrpo is changed. One line per event goes to stdout for the test to read:
+
+    [faulty] step K                  step K began (its prompts were chosen)
+    [faulty] reward K <time>         step K's rewards were called at time.time() <time>
+    [faulty] push K                  the trainer pushed the weights after step K (0: on resume)
+    [faulty] error <time> <Type>: <message>     train() raised; the exit code is then 1
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+STEP = 0  # the step being run; forked reward processes inherit it
+HANG_AT = 10**9
+
+
+def says_a(completions, **_):
+    """Fraction of the completion's words that are "a" (as tests/tiny_task.py)."""
+    return [sum(w == "a" for w in c.split()) / max(len(c.split()), 1) for c in completions]
+
+
+def constant(completions, **_):
+    """1.0 for every completion: every group has zero spread, so every advantage is 0."""
+    return [1.0] * len(completions)
+
+
+def first_letter(completions, **_):
+    """Alphabet position of the completion's first letter / 26 (0 if it has none): a reward that
+    differs between almost any two completions, so every group has a learning signal."""
+    return [(ord(c.strip()[0]) - ord("a") + 1) / 26 if c.strip() else 0.0 for c in completions]
+
+
+def raises_on_b(completions, **_):
+    """0.5 for each completion, but raises on any completion containing the word "b" (~1 in 4)."""
+    for c in completions:
+        if "b" in c.split():
+            raise ValueError(f"cannot score {c!r}")
+    return [0.5] * len(completions)
+
+
+def hangs_at_step(completions, **_):
+    """0.0 before step HANG_AT; from then on it never returns."""
+    if STEP >= HANG_AT:
+        time.sleep(1e6)
+    return [0.0] * len(completions)
+
+
+REWARDS = {f.__name__: f for f in (says_a, constant, first_letter, raises_on_b, hangs_at_step)}
+
+
+def _event(text: str) -> None:
+    print(f"[faulty] {text}", flush=True)
+
+
+def _inject(nan_at: set[int], break_push_at: int | None) -> None:
+    from minigrpo import trainer
+
+    choose, loss_fn, score, push = trainer.step_prompt_indices, trainer.grpo_loss, trainer.score_completions, trainer._push
+
+    def step_prompt_indices(step, *a, **k):
+        global STEP
+        STEP = step
+        _event(f"step {step}")
+        return choose(step, *a, **k)
+
+    def grpo_loss(*a, **k):
+        loss, metrics = loss_fn(*a, **k)
+        return (loss * float("nan") if STEP in nan_at else loss), metrics
+
+    def score_completions(*a, **k):
+        _event(f"reward {STEP} {time.time():.3f}")
+        return score(*a, **k)
+
+    def _push(*a, **k):
+        if break_push_at is not None and STEP >= break_push_at:
+            from minigrpo.rollout import vllm_engine
+
+            vllm_engine._load_chunk = lambda worker, chunk: None  # the push "succeeds" and loads nothing
+        _event(f"push {STEP}")
+        return push(*a, **k)
+
+    trainer.step_prompt_indices, trainer.grpo_loss = step_prompt_indices, grpo_loss
+    trainer.score_completions, trainer._push = score_completions, _push
+
+
+def main(argv: list[str]) -> None:
+    global HANG_AT
+    from tiny_task import TINY_DEFAULTS, tiny_dataset
+
+    from minigrpo import Config, train
+
+    flags = dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--"))
+    model_dir, out_dir, *overrides = [a for a in argv if not a.startswith("--")]
+    HANG_AT = int(flags.get("hang-at", HANG_AT))
+    nan_at = {int(k) for k in flags["nan-at"].split(",")} if flags.get("nan-at") else set()
+    break_at = int(flags["break-push-at"]) if "break-push-at" in flags else None
+    _inject(nan_at, break_at)
+    rewards = [REWARDS[name] for name in flags.get("rewards", "says_a").split(",")]
+    cfg = Config.load(None, TINY_DEFAULTS + [f"model={model_dir}", f"output_dir={out_dir}"] + overrides)
+    try:
+        train(cfg, rewards, tiny_dataset(), tiny_dataset(16, seed=1), template=None, resume="resume" in flags)
+    except Exception as e:
+        _event(f"error {time.time():.3f} {type(e).__name__}: {e}")
+        raise
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,552 @@
+"""Reliability (issue 6): crashes, bad input and faults never lose a run or hang it.
+
+Each protection has a test that fails without it. Training runs are subprocesses (vLLM and
+DeepSpeed keep process-wide state): tests/tiny_task.py, tests/faulty_run.py (the same task with
+faults injected: NaN losses, failing or hanging rewards, a weight push that loads nothing) and
+tests/fault_injection.py (SIGKILL at random moments, then --resume). A test marked xfail(strict)
+shows a protection that is missing today; its reason says what to fix.
+"""
+
+import ast
+import builtins
+import io
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from datasets import Dataset
+
+from minigrpo import Config, ConfigError, train, trainer
+from minigrpo import checkpoint as ckpt
+from minigrpo.algo import grpo_loss
+from minigrpo.rewards import format_reward
+from minigrpo.runlog import RunLog
+from minigrpo.runtime import check_replicas
+from minigrpo.scoring import completion_logprobs
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = ROOT / "tests"
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tiny_task import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _env() -> dict:
+    with socket.socket() as s:  # a free port: the default 29500 + pid % 1000 can collide
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    return {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(TESTS), "MASTER_PORT": port}
+
+
+def launch(script: str, model, out, *args, timeout=900) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(TESTS / script), str(model), str(out), *args]
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, env=_env(), timeout=timeout)
+
+
+def rows(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def events(stdout: str, kind: str) -> list[list[str]]:
+    """The `[faulty] <kind> ...` lines printed by tests/faulty_run.py, split into words."""
+    return [line.split()[2:] for line in stdout.splitlines() if line.startswith(f"[faulty] {kind} ")]
+
+
+def checksum(model) -> float:
+    """The trainer's `param_checksum` of a model (the same function the trainer logs with)."""
+    return check_replicas(SimpleNamespace(module=model, zero_stage=0))
+
+
+def load_checkpoint_model(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder / "model")
+
+
+# ============================================================================ kill at any moment
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_loses_nothing(tiny_model, tmp_path):
+    # 12 steps uninterrupted vs the same run SIGKILLed 10 times at random delays after its start and
+    # twice just after a checkpoint write began, resumed after each kill: equal step, data position
+    # and deterministic metrics of every step; no half-written checkpoint is ever resumed from.
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "fault_injection.py"), "--workdir", str(tmp_path), "--model", str(tiny_model)],
+        check=False, capture_output=True, text=True, env=_env(), timeout=1500,
+    )
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    m = re.search(r"^(\d+)/(\d+) resumed, 0 steps lost$", proc.stdout, re.MULTILINE)
+    assert m and m.group(1) == m.group(2), proc.stdout
+    assert int(m.group(2)) >= 8, "most kills should land before the run finishes"
+    assert "half-written" in proc.stdout, "no kill landed inside a checkpoint write"
+
+
+def test_half_written_checkpoint_is_never_picked_up(tmp_path):
+    # a run killed while writing step 3 leaves step-000003.tmp with some files in it
+    root = tmp_path / "checkpoints"
+    for name in ("step-000001", "step-000002", "step-000003.tmp"):
+        (root / name).mkdir(parents=True)
+        (root / name / "trainer_state.json").write_text(json.dumps({"step": int(name[5:11])}))
+    assert ckpt.latest_checkpoint(tmp_path) == root / "step-000002"
+    assert ckpt.latest_checkpoint(tmp_path / "nothing-here") is None
+
+
+def test_pruning_removes_stale_half_written_checkpoints(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name in ("step-000001", "step-000002.tmp", "step-000003", "step-000004"):
+        (root / name).mkdir(parents=True)
+    ckpt.prune(tmp_path, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-000003", "step-000004"]
+
+
+def _metrics_file(folder: Path, steps, torn: str = "") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "kl": 0.5}) + "\n" for s in steps) + torn)
+
+
+def test_resume_survives_a_torn_last_metrics_line(tmp_path):
+    # steps 1-3 logged, the checkpoint is at step 2, the crash tore the line of step 4
+    _metrics_file(tmp_path, [1, 2, 3], torn='{"step": 4, "kl": 0.')
+    log = RunLog(tmp_path, True, resume_step=2)
+    log.close()
+    assert [r["step"] for r in rows(tmp_path)] == [1, 2]
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+def test_resume_never_truncates_the_metrics_history_in_place(tmp_path, monkeypatch):
+    _metrics_file(tmp_path, [1, 2, 3])
+    target = (tmp_path / "metrics.jsonl").resolve()
+    real_open = builtins.open
+
+    def crashing_open(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        if "w" in mode and isinstance(file, (str, os.PathLike)) and Path(file).resolve() == target:
+            real_write = f.write
+
+            def write(s):  # the process dies half-way through rewriting the history
+                real_write(s[: len(s) // 2])
+                f.close()
+                raise _Killed
+
+            f.write = write
+        return f
+
+    monkeypatch.setattr(builtins, "open", crashing_open)
+    monkeypatch.setattr(io, "open", crashing_open)
+    try:
+        RunLog(tmp_path, True, resume_step=2).close()
+    except _Killed:
+        pass
+    monkeypatch.undo()
+    assert [r["step"] for r in rows(tmp_path)][:2] == [1, 2]  # the history before the checkpoint survives
+
+
+@pytest.mark.slow
+def test_fresh_run_into_a_used_output_dir_keeps_its_own_checkpoints(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    stale = out / "checkpoints" / "step-000099"  # an earlier run's checkpoint
+    stale.mkdir(parents=True)
+    (stale / "trainer_state.json").write_text(json.dumps({"step": 99, "data_position": 396}))
+    proc = launch("tiny_task.py", tiny_model, out, "rollout=torch", "max_steps=2", "save_steps=1", "save_total_limit=1")
+    refused = proc.returncode != 0 and "--resume" in proc.stderr
+    assert refused or ckpt.latest_checkpoint(out) == out / "checkpoints" / "step-000002", (
+        proc.returncode, sorted(p.name for p in (out / "checkpoints").iterdir()))
+
+
+# ============================================================================ Ctrl-C and SIGTERM
+
+
+def _run_until_signalled(model, out, sig, after_rows: int, *args) -> subprocess.CompletedProcess:
+    """Start a run in its own process group, send `sig` once metrics.jsonl has `after_rows` rows."""
+    cmd = [sys.executable, str(TESTS / "tiny_task.py"), str(model), str(out), *args]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                         start_new_session=True)
+    deadline = time.monotonic() + 600
+    while p.poll() is None and time.monotonic() < deadline:
+        path = Path(out) / "metrics.jsonl"
+        if path.exists() and path.read_text().count("\n") >= after_rows:
+            if sig == signal.SIGINT:
+                os.killpg(p.pid, sig)  # Ctrl-C in a terminal reaches the whole process group
+            else:
+                p.send_signal(sig)  # what a scheduler sends to the main process
+            break
+        time.sleep(0.05)
+    stdout, stderr = p.communicate(timeout=600)
+    return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_sigterm_finish_the_step_save_and_resume(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    common = ("rollout=torch", "max_steps=6", "save_steps=0")  # checkpoints only at the end or on a signal
+    done_before = 0
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        flags = ("--resume",) if done_before else ()
+        proc = _run_until_signalled(tiny_model, out, sig, done_before + 1, *common, *flags)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        step = len(rows(out))  # the step that was running finished, was logged ...
+        assert done_before < step < 6
+        assert f"interrupted: step {step} finished and saved" in proc.stdout and "--resume" in proc.stdout, proc.stdout
+        saved = ckpt.latest_checkpoint(out)  # ... and saved: the checkpoint holds its weights
+        assert saved.name == f"step-{step:06d}"
+        assert json.loads((saved / "trainer_state.json").read_text())["step"] == step
+        assert checksum(load_checkpoint_model(saved)) == pytest.approx(rows(out)[-1]["param_checksum"], rel=1e-12)
+        if done_before:
+            assert f"resumed from {out / 'checkpoints' / f'step-{done_before:06d}'} (step {done_before})" in proc.stdout
+        done_before = step
+    assert [r["step"] for r in rows(out)] == list(range(1, done_before + 1))  # resumed: no step twice
+
+
+# ============================================================================ non-finite numbers
+
+
+@pytest.fixture(scope="module")
+def nan_run(tiny_model, tmp_path_factory):
+    # NaN loss at step 2 (alone), then at 4, 5, 6: max_nonfinite_steps=3 in a row stop the run at 6.
+    out = tmp_path_factory.mktemp("nan") / "run"
+    proc = launch("faulty_run.py", tiny_model, out, "--nan-at=2,4,5,6", "rollout=torch", "max_steps=8",
+                  "save_steps=1", "save_total_limit=10", "max_nonfinite_steps=3")
+    return proc, out
+
+
+@pytest.mark.slow
+def test_a_nan_step_is_skipped_and_training_continues(nan_run):
+    proc, out = nan_run
+    assert len(rows(out)) >= 3, proc.stderr[-3000:]
+    r = {row["step"]: row for row in rows(out)}
+    assert r[2]["param_checksum"] == r[1]["param_checksum"]  # step 2 changed no weight
+    assert r[2]["grad_norm"] == "nan"
+    assert r[3]["param_checksum"] != r[2]["param_checksum"]  # step 3 trained again
+    assert [r[s]["nonfinite_skipped_steps"] for s in (1, 2, 3)] == [0, 1, 1]
+    pushes = [int(e[0]) for e in events(proc.stdout, "push")]
+    assert pushes == [1, 3], "the rollout engine is pushed after applied steps only"
+
+
+@pytest.mark.slow
+def test_max_nonfinite_steps_in_a_row_stop_with_the_last_good_weights(nan_run):
+    proc, out = nan_run
+    assert proc.returncode != 0
+    errors = events(proc.stdout, "error")
+    assert errors and errors[0][1] == "RuntimeError:" and "3 steps in a row" in " ".join(errors[0]), proc.stdout
+    r = {row["step"]: row for row in rows(out)}
+    assert max(r) == 6  # stopped at the third bad step in a row
+    assert r[4]["param_checksum"] == r[5]["param_checksum"] == r[6]["param_checksum"] == r[3]["param_checksum"]
+    last = ckpt.latest_checkpoint(out)
+    assert last.name == "step-000006" and str(last) in " ".join(errors[0])  # the message says where they are
+    from safetensors.torch import load_file
+
+    good = load_file(out / "checkpoints" / "step-000003" / "model" / "model.safetensors")
+    final = load_file(last / "model" / "model.safetensors")
+    assert good.keys() == final.keys() and all(torch.equal(good[k], final[k]) for k in good)
+
+
+@pytest.mark.slow
+def test_nonfinite_count_survives_resume(nan_run, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(nan_run[1], out)  # stopped at step 6 with its checkpoint
+    proc = launch("faulty_run.py", tiny_model, out, "--resume", "rollout=torch", "max_steps=7", "save_total_limit=10")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert rows(out)[-1]["step"] == 7
+    assert rows(out)[-1]["nonfinite_skipped_steps"] == 4  # steps 2, 4, 5, 6
+
+
+@pytest.mark.slow
+def test_resuming_with_a_different_data_order_is_refused(nan_run, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(nan_run[1], out)
+    proc = launch("faulty_run.py", tiny_model, out, "--resume", "rollout=torch", "max_steps=7", "save_total_limit=10",
+                  "prompts_per_step=8")
+    assert proc.returncode != 0 and "prompts_per_step" in proc.stderr, "resumed with a different batch"
+
+
+# ============================================================================ reward functions
+
+
+@pytest.fixture(scope="module")
+def reward_run(tiny_model, tmp_path_factory):
+    # says_a trains; raises_on_b raises on every completion containing "b" (~1 in 4); hangs_at_step
+    # returns 0.0 at steps 1-2 and sleeps forever from step 3 on. reward_timeout=3 s.
+    out = tmp_path_factory.mktemp("rewards") / "run"
+    proc = launch("faulty_run.py", tiny_model, out, "--rewards=says_a,raises_on_b,hangs_at_step", "--hang-at=3",
+                  "rollout=torch", "max_steps=5", "reward_timeout=3", timeout=300)
+    return proc, out
+
+
+@pytest.mark.slow
+def test_a_reward_raising_on_some_completions_is_counted_and_training_continues(reward_run):
+    proc, out = reward_run
+    assert len(rows(out)) >= 2, proc.stderr[-3000:]
+    first, second = rows(out)[:2]
+    assert first["reward/raises_on_b/failures"] + second["reward/raises_on_b/failures"] > 0
+    assert "RewardWarning: reward 'raises_on_b' raised on" in proc.stderr
+    assert second["param_checksum"] != first["param_checksum"]  # step 2 trained
+    # the failed completions score 0, the others 0.5: the mean says how many failed (32 completions)
+    assert first["reward/raises_on_b/mean"] == pytest.approx(0.5 * (1 - first["reward/raises_on_b/failures"] / 32))
+
+
+@pytest.mark.slow
+def test_a_hanging_reward_fails_the_run_within_its_timeout(reward_run):
+    proc, out = reward_run
+    assert proc.returncode != 0
+    [error] = events(proc.stdout, "error")
+    message = " ".join(error[1:])
+    assert error[1] == "RewardError:" and "'hangs_at_step'" in message and "timeout" in message, message
+    started = float(events(proc.stdout, "reward")[-1][1])  # step 3's rewards were called then
+    assert float(error[0]) - started < 3 + 5
+    assert [r["step"] for r in rows(out)] == [1, 2]  # nothing logged or trained for step 3
+
+
+# ============================================================================ model output is untrusted input
+
+UNSAFE_CALLS = {  # code execution or unpickling: never on anything a model or a download produced
+    "builtins.eval", "builtins.exec", "builtins.compile", "pickle.load", "pickle.loads", "torch.load",
+    "marshal.load", "marshal.loads", "dill.load", "dill.loads", "cloudpickle.load", "cloudpickle.loads",
+    "yaml.load", "yaml.unsafe_load", "yaml.full_load", "shelve.open",
+}
+
+
+def _unsafe_calls(source: str) -> list[str]:
+    """Dotted names of the unsafe calls in `source`, import aliases resolved (`from pickle import
+    loads as l; l(x)` is pickle.loads); also any call with allow_pickle=True."""
+    tree = ast.parse(source)
+    alias = {name: f"builtins.{name}" for name in ("eval", "exec", "compile")}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                alias[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                alias[a.asname or a.name] = f"{node.module}.{a.name}"
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        parts, f = [], node.func
+        while isinstance(f, ast.Attribute):
+            parts.append(f.attr)
+            f = f.value
+        if isinstance(f, ast.Name):
+            dotted = ".".join([alias.get(f.id, f.id), *reversed(parts)])
+            if dotted in UNSAFE_CALLS:
+                found.append(f"{dotted} (line {node.lineno})")
+        if any(k.arg == "allow_pickle" and isinstance(k.value, ast.Constant) and k.value.value for k in node.keywords):
+            found.append(f"allow_pickle=True (line {node.lineno})")
+    return found
+
+
+def test_the_unsafe_call_finder_finds_them():
+    src = ("import pickle, torch\nfrom yaml import load as yl\nimport numpy as np\n"
+           "eval('1')\nexec('x=1')\npickle.loads(b'')\ntorch.load('f')\nyl('x')\nnp.load('f', allow_pickle=True)\n"
+           "import ast, re\nast.literal_eval('1')\nre.compile('x')\n")
+    assert [c.split(" ")[0] for c in _unsafe_calls(src)] == [
+        "builtins.eval", "builtins.exec", "pickle.loads", "torch.load", "yaml.load", "allow_pickle=True"]
+
+
+def test_minigrpo_never_evals_or_unpickles():
+    found = {str(p.relative_to(ROOT)): _unsafe_calls(p.read_text()) for p in sorted((ROOT / "minigrpo").rglob("*.py"))}
+    assert len(found) > 20
+    assert {k: v for k, v in found.items() if v} == {}
+
+
+def test_trust_remote_code_is_off_unless_asked(monkeypatch):
+    assert Config().trust_remote_code is False
+    # every minigrpo function taking trust_remote_code defaults it to False, and no call passes True
+    for path in sorted((ROOT / "minigrpo").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                pos = list(zip(a.args[len(a.args) - len(a.defaults):], a.defaults))
+                for arg, default in pos + list(zip(a.kwonlyargs, a.kw_defaults)):
+                    if arg.arg == "trust_remote_code":
+                        assert isinstance(default, ast.Constant) and default.value is False, (path, node.name)
+            if isinstance(node, ast.Call):
+                for k in node.keywords:
+                    if k.arg == "trust_remote_code":
+                        assert not (isinstance(k.value, ast.Constant) and k.value.value is True), (path, node.lineno)
+    # and what the loaders hand to transformers by default
+    import transformers
+
+    from minigrpo.models import load_causal_lm, load_tokenizer
+
+    seen = {}
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: seen.setdefault("tokenizer", k) and SimpleNamespace(pad_token="<pad>"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: seen.setdefault("model", k))
+    load_tokenizer("some/folder")
+    load_causal_lm("some/folder")
+    assert seen["tokenizer"]["trust_remote_code"] is False and seen["model"]["trust_remote_code"] is False
+
+
+# ============================================================================ bad configuration and data
+
+
+@pytest.fixture
+def no_heavy_work(monkeypatch):
+    """Starting processes or loading a model fails the test: errors must come before."""
+
+    def forbidden(*a, **k):
+        raise AssertionError("heavy work started before the input was checked")
+
+    monkeypatch.setattr(trainer, "init_distributed", forbidden)
+    monkeypatch.setattr(trainer, "load_causal_lm", forbidden)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("learning_rte=1e-6", r"unknown config key\(s\) \['learning_rte'\]"),
+    ("max_steps=ten", "max_steps: expected int"),
+    ("beta=[0.1]", "beta: expected a number|beta: expected float"),
+    ("stop=</answer>", "stop: expected a list"),
+    ("trust_remote_code=1", "trust_remote_code: expected true/false"),
+    ("num_generations=1", "GRPO needs at least 2 completions per prompt"),
+    ("gradient_accumulation_steps=32", "must divide the completions of a step"),  # 2 prompts x 8 = 16
+    ("max_steps=0", "max_steps=0: must be >= 1"),
+    ("reward_timeout=0", "reward_timeout=0.0: must be > 0"),
+])
+def test_bad_config_from_the_command_line_is_one_clear_error(override, match):
+    with pytest.raises(ConfigError, match=match):
+        Config.load(None, [override])
+
+
+def test_a_recipe_with_an_unknown_key_is_refused(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rate: 1.0e-6\nnum_generation: 4\n")
+    with pytest.raises(ConfigError, match=r"\['num_generation'\]"):
+        Config.load(recipe)
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tiny_model):
+    return Config(model=str(tiny_model), max_prompt_length=16)
+
+
+def _ds(**cols):
+    return Dataset.from_dict(cols)
+
+
+def needs_target(completions, target, **_):
+    return [0.0] * len(completions)
+
+
+@pytest.mark.parametrize("train_set, eval_set, rewards, match", [
+    (_ds(prompt=["b c"]), _ds(prompt=[]), [format_reward], "the eval dataset is empty"),
+    (_ds(prompt=["b c"], target=[1]), _ds(prompt=["b c"]), [needs_target],
+     r"reward 'needs_target' needs column\(s\) \['target'\]; the eval dataset"),
+    (_ds(question=["b c"]), None, [format_reward], "neither a 'messages' nor a 'prompt' column"),
+    (_ds(prompt=[3]), None, [format_reward], "'prompt' column must hold strings"),
+    (_ds(prompt=["b c"]), _ds(prompt=[" ".join(["b"] * 20)]), [format_reward], "20 tokens, more than max_prompt_length=16"),
+    (_ds(prompt=["b c"]), None, [lambda completions, **_: [0.0] * len(completions)], "needs a name="),
+    (_ds(prompt=["b c"]), None, ["format_reward"], "must be callable"),
+])
+def test_bad_data_and_rewards_fail_before_heavy_work(no_heavy_work, tiny_cfg, train_set, eval_set, rewards, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        train(tiny_cfg, rewards, train_set, eval_set)
+
+
+def test_duplicate_reward_names_fail_before_heavy_work(no_heavy_work, tiny_cfg):
+    with pytest.raises(ValueError, match="unique"):
+        train(tiny_cfg, [format_reward, format_reward], _ds(prompt=["b c"]))
+
+
+def test_a_single_generation_per_prompt_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="num_generations=1: GRPO needs at least 2 completions per prompt to compare"):
+        Config(num_generations=1)
+
+
+# ============================================================================ weight sync
+
+
+@pytest.mark.slow
+def test_a_weight_push_that_does_not_take_stops_the_run(tiny_model, tmp_path):
+    pytest.importorskip("vllm")
+    # from step 2 on the vLLM engine's weight loader does nothing: the probe must catch it
+    out = tmp_path / "run"
+    proc = launch("faulty_run.py", tiny_model, out, "--break-push-at=2", "rollout=vllm", "max_steps=4")
+    assert proc.returncode != 0
+    [error] = events(proc.stdout, "error")
+    assert error[1] == "WeightSyncError:", proc.stdout[-2000:]
+    assert [r["step"] for r in rows(out)] == [1]  # step 2 was neither logged nor saved, step 3 never ran
+    assert not ckpt.latest_checkpoint(out)
+
+
+# ============================================================================ edge batches
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=31, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+def test_all_empty_completions_give_a_zero_loss_and_zero_gradients(loss_type):
+    model = _tiny_llama()
+    prompts, completions = [[5, 6], [7], [8, 9, 10]], [[], [], []]
+    lp = completion_logprobs(model, prompts, completions)  # [3, 0] with grad
+    with torch.no_grad():
+        ref = completion_logprobs(model, prompts, completions)  # [3, 0]
+    assert lp.shape == (3, 0)
+    mask = torch.zeros(3, 0, dtype=torch.bool)
+    loss, metrics = grpo_loss(lp, None, ref, torch.tensor([1.0, -1.0, 0.0]), mask, beta=0.04, loss_type=loss_type,
+                              max_completion_length=8)
+    assert loss.item() == 0.0 and all(math.isfinite(v) for v in metrics.values()), metrics
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+@pytest.mark.slow
+def test_every_completion_cut_at_max_length_still_trains(tiny_model, tmp_path):
+    # max_completion_length=1: a completion is one token, cut unless it is EOS (p ~ 1/31).
+    # first_letter gives nearly every completion a different reward, so every group has a signal.
+    out = tmp_path / "run"
+    proc = launch("faulty_run.py", tiny_model, out, "--rewards=first_letter", "success_reward=first_letter",
+                  "rollout=torch", "max_steps=2", "max_completion_length=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = rows(out)
+    for row in r:
+        assert row["completion/length_max"] == 1.0
+        assert row["completion/truncated_fraction"] > 0.8  # the rest stopped at EOS
+        assert math.isfinite(row["grad_norm"]) and row["grad_norm"] > 0 and row["nonfinite_skipped_steps"] == 0
+    assert r[1]["param_checksum"] != r[0]["param_checksum"]  # step 2 changed the weights
+
+
+@pytest.mark.slow
+def test_all_rewards_equal_in_every_group_change_nothing(tiny_model, tmp_path):
+    # constant reward: every group has zero spread, every advantage is 0; beta=0 (no KL): no gradient
+    out = tmp_path / "run"
+    proc = launch("faulty_run.py", tiny_model, out, "--rewards=constant", "success_reward=constant",
+                  "rollout=torch", "max_steps=2", "beta=0.0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    start = checksum(AutoModelForCausalLM.from_pretrained(tiny_model))
+    for row in rows(out):
+        assert row["zero_spread_groups"] == 1.0 and row["pg_loss"] == 0.0 and row["grad_norm"] == 0.0
+        assert row["param_checksum"] == pytest.approx(start, rel=1e-12, abs=0)
