@@ -55,3 +55,15 @@ def prompts(tokenizer):
     texts = ["What is the capital of France?", "Count from 1 to 20, separated by commas."]
     rendered = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False) for t in texts]
     return [tokenizer(r, add_special_tokens=False)["input_ids"] for r in rendered]
+
+
+@pytest.fixture
+def no_heavy_work(monkeypatch):
+    """Starting processes or loading a model fails the test: input errors must come before."""
+    import minigrpo.trainer as trainer
+
+    def forbidden(*a, **k):
+        raise AssertionError("heavy work started before the input was checked")
+
+    monkeypatch.setattr(trainer, "init_distributed", forbidden)
+    monkeypatch.setattr(trainer, "load_causal_lm", forbidden)

@@ -27,7 +27,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from minigrpo import Config, ConfigError, train, trainer
+from minigrpo import Config, ConfigError, train
 from minigrpo import checkpoint as ckpt
 from minigrpo.algo import grpo_loss
 from minigrpo.rewards import format_reward
@@ -404,15 +404,6 @@ def test_trust_remote_code_is_off_unless_asked(monkeypatch):
 # ============================================================================ bad configuration and data
 
 
-@pytest.fixture
-def no_heavy_work(monkeypatch):
-    """Starting processes or loading a model fails the test: errors must come before."""
-
-    def forbidden(*a, **k):
-        raise AssertionError("heavy work started before the input was checked")
-
-    monkeypatch.setattr(trainer, "init_distributed", forbidden)
-    monkeypatch.setattr(trainer, "load_causal_lm", forbidden)
 
 
 @pytest.mark.parametrize("override, match", [

@@ -16,15 +16,6 @@ from minigrpo.rewards import equation_reward, format_reward
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def no_heavy_work(monkeypatch):
-    """Any attempt to start processes or load a model fails the test."""
-
-    def forbidden(*a, **k):
-        raise AssertionError("heavy work started before the input was checked")
-
-    monkeypatch.setattr(trainer, "init_distributed", forbidden)
-    monkeypatch.setattr(trainer, "load_causal_lm", forbidden)
 
 
 def test_dataset_missing_reward_columns(no_heavy_work, monkeypatch):
