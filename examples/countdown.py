@@ -24,7 +24,7 @@ def main() -> None:
     p.add_argument("--model", help="HF folder, hub name, or smollm2-135m-instruct")
     p.add_argument("--output-dir")
     p.add_argument("--max-steps", type=int)
-    p.add_argument("--rollout", choices=["vllm", "torch"])
+    p.add_argument("--rollout", choices=["vllm", "torch", "vllm_server"])
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # appended by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value")

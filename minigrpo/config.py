@@ -43,12 +43,19 @@ class Config:
     test_size: float = 0.1
 
     # -- rollout
-    rollout: str = "vllm"  # vllm | torch
+    rollout: str = "vllm"  # vllm (in each rank) | vllm_server (one server process) | torch
     # vLLM KV cache: give one of these, or neither for the engine's device default (2 GiB on CPU,
     # 0.5 of the GPU, leaving the rest to the colocated trainer).
     vllm_gpu_memory_utilization: float | None = None
     vllm_kv_cache_gib: float | None = None
     vllm_enforce_eager: bool = False  # True: ~13 s start instead of 75-150 s on CPU, ~1.6x slower sampling
+    # rollout=vllm_server: port 0/null = trainer rank 0 starts a server on this machine; otherwise
+    # connect to one at host:port (its key in $MINIGRPO_ROLLOUT_AUTHKEY). The timeout bounds every
+    # wait on the server (start-up, one generate call queued behind the other ranks', a push).
+    vllm_server_host: str = "127.0.0.1"
+    vllm_server_port: int | None = None
+    vllm_server_timeout: float = 600.0
+    vllm_server_tensor_parallel_size: int = 1  # GPUs of a server the trainer starts
     sync_check_atol: float = 1e-3  # weight-push probe tolerance (log-probabilities)
     temperature: float = 1.0
     top_p: float = 1.0
@@ -146,7 +153,11 @@ class Config:
             if not ok:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: {msg}")
 
-        need(self.rollout in ("vllm", "torch"), "rollout", "must be 'vllm' or 'torch'")
+        need(self.rollout in ("vllm", "vllm_server", "torch"), "rollout", "must be 'vllm', 'vllm_server' or 'torch'")
+        need(self.vllm_server_port is None or 0 <= self.vllm_server_port < 65536, "vllm_server_port",
+             "must be a TCP port (or 0/null: start a server)")
+        need(self.vllm_server_timeout > 0, "vllm_server_timeout", "must be > 0 seconds")
+        need(self.vllm_server_tensor_parallel_size >= 1, "vllm_server_tensor_parallel_size", "must be >= 1")
         need(self.dtype in ("float32", "bfloat16", "float16"), "dtype", "must be float32, bfloat16 or float16")
         need(self.num_generations >= 2, "num_generations", "GRPO needs at least 2 completions per prompt to compare")
         for key in ("max_steps", "prompts_per_step", "gradient_accumulation_steps", "num_iterations",

@@ -1,6 +1,7 @@
 """Rollout engines: every one implements `RolloutEngine` (base.py), so the trainer never asks which.
 
     engine = make_engine("vllm", path, seed=0)                  # vLLM in this process
+    engine = make_engine("vllm_server", path, server_port=0)    # vLLM in a server process (started here)
     engine = make_engine("torch", policy=model, tokenizer=tok)  # transformers, on the policy itself
 
 `VLLMEngine` is imported only when asked for, so `import minigrpo.rollout` works without vLLM.
@@ -25,6 +26,9 @@ VLLM_OPTIONS = (
     "dtype", "seed", "max_model_len", "kv_cache_gib", "gpu_memory_utilization",
     "enable_prefix_caching", "enforce_eager", "push_chunk_bytes", "trust_remote_code",
 )
+# Options of the "vllm_server" kind only (the others ignore them): where the server is, how long
+# any wait on it may take, and its tensor parallel size when the trainer starts it.
+SERVER_OPTIONS = ("server_host", "server_port", "server_timeout", "tensor_parallel_size")
 
 
 def make_engine(
@@ -37,10 +41,20 @@ def make_engine(
 ) -> RolloutEngine:
     """kind "vllm": `VLLMEngine(model_path, **options)`, a separate copy of the weights kept in sync
     by `push_weights`; kind "torch": `TorchEngine(policy, tokenizer)`, generating with the policy
-    module itself. Without vLLM installed, "vllm" raises a one-line ImportError saying what to do."""
-    unknown = sorted(set(options) - set(VLLM_OPTIONS))
+    module itself; kind "vllm_server": `VLLMServerEngine`, a client of a vLLM server process (the
+    `server_*` options; server_port 0/None starts one). Without vLLM installed, "vllm" raises a
+    one-line ImportError saying what to do."""
+    unknown = sorted(set(options) - set(VLLM_OPTIONS) - set(SERVER_OPTIONS))
     if unknown:
-        raise TypeError(f"unknown rollout engine options {unknown}; known: {', '.join(VLLM_OPTIONS)}")
+        raise TypeError(f"unknown rollout engine options {unknown}; known: {', '.join(VLLM_OPTIONS + SERVER_OPTIONS)}")
+    server = {k: options.pop(k) for k in SERVER_OPTIONS if k in options}
+    if kind == "vllm_server":
+        if model_path is None:
+            raise ValueError("make_engine('vllm_server') needs model_path (a local Hugging Face folder)")
+        from minigrpo.rollout.server_engine import VLLMServerEngine  # no vLLM in this process
+
+        named = {"server_host": "host", "server_port": "port", "server_timeout": "timeout"}
+        return VLLMServerEngine(model_path, **{named.get(k, k): v for k, v in server.items()}, **options)
     if kind == "vllm":
         if model_path is None:
             raise ValueError("make_engine('vllm') needs model_path (a local Hugging Face folder)")
@@ -51,7 +65,7 @@ def make_engine(
         if policy is None or tokenizer is None:
             raise ValueError("make_engine('torch') needs policy= (the model being trained) and tokenizer=")
         return TorchEngine(policy, tokenizer)
-    raise ValueError(f"unknown rollout engine {kind!r}; expected 'vllm' or 'torch'")
+    raise ValueError(f"unknown rollout engine {kind!r}; expected 'vllm' or 'torch' (in this process) or 'vllm_server'")
 
 
 def __getattr__(name: str):

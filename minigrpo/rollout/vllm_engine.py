@@ -59,13 +59,16 @@ class VLLMEngine:
         enforce_eager: bool = False,
         push_chunk_bytes: int = DEFAULT_PUSH_CHUNK_BYTES,
         trust_remote_code: bool = False,
+        tensor_parallel_size: int = 1,
     ):
         """dtype: default "float32" on CPU (no native bf16 on AVX2), "bfloat16" on GPU.
         KV cache: `kv_cache_gib` if given, else `gpu_memory_utilization` if given, else the device
         default (2 GiB on CPU, where the utilization is a fraction of the NUMA node's RAM and vLLM's
         default 0.92 refuses to start; 0.5 on GPU, leaving room for the colocated trainer).
         enforce_eager: skip torch.compile. On this 2-core CPU it cut start-up from ~75-105 s to
-        ~13 s but generation from ~190 to ~120 tokens/s: worth it for tests, not for training."""
+        ~13 s but generation from ~190 to ~120 tokens/s: worth it for tests, not for training.
+        tensor_parallel_size > 1 (GPUs; the rollout server's option): vLLM then runs its workers in
+        processes of their own and collective_rpc sends them each chunk (untested here: no GPUs)."""
         on_gpu = torch.cuda.is_available()
         if kv_cache_gib is not None and gpu_memory_utilization is not None:
             raise ValueError("give kv_cache_gib or gpu_memory_utilization, not both")
@@ -97,6 +100,7 @@ class VLLMEngine:
             # "processed_logprobs" is the distribution actually sampled from (see module docstring).
             logprobs_mode="processed_logprobs",
             enforce_eager=enforce_eager,
+            tensor_parallel_size=tensor_parallel_size,
             **memory,
         )
 
