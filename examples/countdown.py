@@ -9,11 +9,18 @@ Any config key can be overridden as key=value (see minigrpo/config.py).
 """
 
 import argparse
+import os
 from pathlib import Path
 
-from minigrpo import Config, train
-from minigrpo.data import R1_COUNTDOWN, load_countdown
-from minigrpo.rewards import equation_reward, format_reward
+# Before torch starts OpenMP: idle OpenMP threads that spin steal the CPU from everything else in
+# the process and on the machine. On the 2-core dev machine, with other jobs running, the same
+# 16-completion step took ~26 s to generate and ~44 s to train with PASSIVE (benchmarks/vs_trl.py)
+# and ~115 s and ~210 s without it. An explicit setting in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from minigrpo import Config, train  # noqa: E402
+from minigrpo.data import R1_COUNTDOWN, load_countdown  # noqa: E402
+from minigrpo.rewards import equation_reward, format_reward  # noqa: E402
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "countdown_cpu.yaml"
 
