@@ -172,6 +172,7 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
         success = scores.per_reward.get(cfg.success_reward)
         solved = [v == 1.0 for v in success] if success else [False] * len(batch)
         lengths = [len(c) for c in batch.completion_ids]
+        pass_tokens = sum(_forward_tokens(batch, s) for s in micro)  # tokens of one pass over the batch
         metrics = {
             **scores.metrics(),
             **{k: float(np.mean([m[k] for m in stats])) for k in stats[0]},
@@ -185,8 +186,8 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
             **timer.metrics(), "tokens_per_second": sum(lengths) / max(timer.seconds["generate"], 1e-9),
             "nonfinite_skipped_steps": float(policy.optimizer.skipped),
             # tokens run through the model (a group's shared prompt counts once): for FLOP/s
-            "tokens/train": float(sum(_forward_tokens(batch, s) for s in micro) * cfg.num_iterations),
-            "tokens/reference": float(sum(_forward_tokens(batch, s) for s in micro) if reference is not None else 0),
+            "tokens/train": float(pass_tokens * cfg.num_iterations),
+            "tokens/reference": float(pass_tokens if reference is not None else 0),
         }
         metrics = reduce_metrics(metrics)
         metrics["batch/completions"] = sum_over_ranks(len(batch))  # = prompts_per_step * G
