@@ -54,6 +54,18 @@ def test_groups_are_prompt_major_and_seeded(vllm_engine, prompts):
     assert other.completion_ids != a.completion_ids
 
 
+def test_seeded_prompts_beyond_one_prefill_step(vllm_engine, prompts):
+    """Regression: 32 prompts x 150 tokens (the CPU learning recipe's 4 x 8 Countdown step) exceed
+    vLLM's 4096-token step budget. With chunked prefill a seeded request got split over two steps
+    and vLLM 0.32 on CPU crashed rewinding its generator ("CPU Generator does not use offset")."""
+    long_prompt = (prompts[1] * 12)[:150]
+    batch_prompts = [long_prompt[i:] + long_prompt[:i] for i in range(32)]  # 32 distinct prompts
+    sampling = Sampling(n=2, max_tokens=4, temperature=1.0, seed=5)
+    a = vllm_engine.generate(batch_prompts, sampling)
+    assert len(a) == 64 and sum(len(p) for p in batch_prompts) == 32 * 150 > 4096
+    assert vllm_engine.generate(batch_prompts, sampling).completion_ids == a.completion_ids
+
+
 def test_length_and_stop(vllm_engine, tokenizer, prompts):
     count = [prompts[1]]  # "Count from 1 to 20, separated by commas." -> greedy "1. 1\n2. 2\n..."
     short = vllm_engine.generate(count, Sampling(n=2, max_tokens=3, temperature=0.0))

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 import torch
+import transformers
 
 from minigrpo.rollout.base import Probe, RolloutBatch, Sampling, WeightSyncError
 
@@ -82,6 +83,16 @@ class VLLMEngine:
             if kv_cache_gib is not None
             else {"gpu_memory_utilization": gpu_memory_utilization}
         )
+        # vLLM 0.32 on CPU: a seeded request whose prefill is split over two scheduler steps makes
+        # vLLM rewind its torch.Generator by `set_offset`, which CPU generators do not support
+        # ("CPU Generator does not use offset"). A step packs <= 4096 prompt tokens by default, so
+        # 4 prompts x 8 completions x ~150 tokens crashed. Without chunked prefill a request is
+        # scheduled whole or waits for the next step; vLLM then needs the budget >= max_model_len.
+        # (max_model_len None: vLLM takes the model's own limit, which we read the same way.)
+        prefill = {}
+        if not on_gpu:
+            longest = max_model_len or transformers.AutoConfig.from_pretrained(model_path).max_position_embeddings
+            prefill = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(longest, 4096)}
         if push_chunk_bytes < 1:
             raise ValueError(f"push_chunk_bytes must be >= 1, got {push_chunk_bytes}")
         self.push_chunk_bytes = push_chunk_bytes
@@ -102,6 +113,7 @@ class VLLMEngine:
             enforce_eager=enforce_eager,
             tensor_parallel_size=tensor_parallel_size,
             **memory,
+            **prefill,
         )
 
     # ------------------------------------------------------------------ generation
