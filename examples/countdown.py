@@ -20,9 +20,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from minigrpo import Config, train  # noqa: E402
 from minigrpo.data import R1_COUNTDOWN, load_countdown  # noqa: E402
-from minigrpo.rewards import equation_reward, format_reward  # noqa: E402
+from minigrpo.rewards import equation_reward, format_reward, tag_reward  # noqa: E402
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "countdown_cpu.yaml"
+COUNTDOWN_REWARDS = {f.__name__: f for f in (format_reward, equation_reward, tag_reward)}  # the recipe's `rewards` names
 
 
 def main() -> None:
@@ -40,9 +41,12 @@ def main() -> None:
     flags = {"model": args.model, "output_dir": args.output_dir, "max_steps": args.max_steps, "rollout": args.rollout}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
     cfg = Config.load(args.config, overrides)  # every config error surfaces here, before any model loads
+    unknown = sorted(set(cfg.rewards) - set(COUNTDOWN_REWARDS))
+    if unknown:
+        raise SystemExit(f"rewards: unknown {unknown}; this script knows {sorted(COUNTDOWN_REWARDS)}")
 
     splits = load_countdown(cfg.dataset, num_samples=cfg.dataset_size, test_size=cfg.test_size, seed=cfg.seed)
-    out = train(cfg, [format_reward, equation_reward], splits["train"], splits["test"], template=R1_COUNTDOWN,
+    out = train(cfg, [COUNTDOWN_REWARDS[name] for name in cfg.rewards], splits["train"], splits["test"], template=R1_COUNTDOWN,
                 resume=args.resume)
     print(f"[minigrpo] done. outputs in {out}: metrics.jsonl, curves.png, completion_samples.txt, "
           f"checkpoints/ (latest: {sorted((out / 'checkpoints').glob('step-*'))[-1].name})")

@@ -40,7 +40,8 @@ def main() -> None:
     tasks = prepare_prompts(test, tokenizer, R1_COUNTDOWN, cfg.max_prompt_length)
     engine = make_engine("vllm", path, dtype=cfg.dtype, seed=cfg.seed,
                          max_model_len=cfg.max_prompt_length + cfg.max_completion_length)
-    batch = engine.generate(tasks.ids, Sampling(n=1, max_tokens=cfg.max_completion_length, temperature=0.0, seed=0))
+    batch = engine.generate(tasks.ids, Sampling(n=1, max_tokens=cfg.max_completion_length, temperature=0.0,
+                                                  stop=tuple(cfg.stop), seed=0))
     scores = score_completions([Reward(format_reward), Reward(equation_reward)], batch.texts, tasks.texts,
                                tasks.columns, 1)
     fmt = sum(v == 1.0 for v in scores.per_reward["format_reward"]) / len(batch)

@@ -94,6 +94,9 @@ class Config:
     max_nonfinite_steps: int = 3  # this many skipped (NaN/inf) steps in a row stop the run
 
     # -- rewards
+    # Names of functions in minigrpo.rewards, for scripts that build their reward list from the
+    # recipe (examples/countdown.py). train() itself takes the callables and does not read this.
+    rewards: list[str] = field(default_factory=lambda: ["format_reward", "equation_reward"])
     reward_weights: list[float] | None = None  # one per reward function; None = all 1.0
     reward_on_error: str = "zero"  # zero (0 + counted warning) | raise
     reward_timeout: float = 60.0  # seconds per batch, per reward function
@@ -184,6 +187,8 @@ class Config:
              "give vllm_kv_cache_gib or vllm_gpu_memory_utilization, not both")
         need(self.reward_on_error in ("zero", "raise"), "reward_on_error", "must be zero or raise")
         need(self.reward_timeout > 0, "reward_timeout", "must be > 0 seconds")
+        need(len(self.rewards) > 0 and len(set(self.rewards)) == len(self.rewards), "rewards",
+             "must name at least one reward function, each once")
         need(self.logprob_chunk_tokens is None or self.logprob_chunk_tokens >= 1, "logprob_chunk_tokens", "must be >= 1")
         need(0 < self.test_size < 1, "test_size", "must be in (0, 1)")
         need(self.dataset_size is None or self.dataset_size >= 2, "dataset_size", "must be >= 2 (or null)")

@@ -44,6 +44,8 @@ def test_wrong_type_is_named(key, value):
         ({"rollout": "sglang"}, "rollout"),
         ({"deepspeed": "/no/such/file.json"}, "deepspeed"),
         ({"temperature": 0}, "temperature"),
+        ({"rewards": []}, "rewards"),
+        ({"rewards": ["format_reward", "format_reward"]}, "rewards"),
     ],
 )
 def test_inconsistent_values_are_named(values, key):

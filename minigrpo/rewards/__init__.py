@@ -10,6 +10,7 @@ from minigrpo.rewards.countdown import (
     format_reward,
     is_correct_equation,
     is_well_formatted,
+    tag_reward,
 )
 from minigrpo.rewards.expression import InvalidExpression, evaluate_answer
 from minigrpo.rewards.isolation import RewardError
@@ -29,4 +30,5 @@ __all__ = [
     "is_well_formatted",
     "repeat_columns",
     "score_completions",
+    "tag_reward",
 ]

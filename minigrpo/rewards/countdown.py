@@ -86,6 +86,37 @@ def format_reward(completions: list[str], **columns) -> list[float]:
     return [1.0 if is_well_formatted(c) else 0.0 for c in completions]
 
 
+def tag_reward(completions: list[str], **columns) -> list[float]:
+    """Partial credit on the way to `is_well_formatted`: 0.25 per milestone reached, in order.
+
+    1. `</think>` appears exactly once and `<think>` never (the prompt opened the block);
+    2. an `<answer>` follows that `</think>`;
+    3. a `</answer>` closes that `<answer>`;
+    4. the whole completion `is_well_formatted` (so 1.0 exactly when `format_reward` is 1.0).
+
+    Why it exists: a small base model almost never produces the whole format by chance (SmolLM2-135M:
+    1 in 128 samples at temperature 1, 0 in 128 at 0.7), so a group of 8 nearly always scores all
+    zeros under `format_reward` and GRPO has no advantage to learn from. A milestone is reached far
+    more often (`</think>` in 14%, `<answer>` in 34% of those samples), which gives the group a spread.
+    It is shaping for small models, like the "xmlcount" reward of community GRPO demos; report the
+    strict `format_reward` as the format rate. Ignores the dataset columns.
+    """
+    scores = []
+    for c in completions:
+        score = 0.0
+        if c.count(THINK_CLOSE) == 1 and not c.count(THINK_OPEN):
+            score += 0.25
+            after_think = c.split(THINK_CLOSE)[1]
+            start = after_think.find(ANSWER_OPEN)
+            if start >= 0:
+                score += 0.25
+                if after_think.find(ANSWER_CLOSE, start) >= 0:
+                    score += 0.25
+                    score += 0.25 if is_well_formatted(c) else 0.0
+        scores.append(score)
+    return scores
+
+
 def equation_reward(completions: list[str], target: Sequence, nums: Sequence, **columns) -> list[float]:
     """1.0 for each completion whose last answer is a correct equation (`is_correct_equation`), else 0.0.
 
