@@ -11,7 +11,8 @@ from pathlib import Path
 
 CURVES = (  # (title, metric keys drawn on it)
     ("reward", ("reward/total/mean",)),
-    ("success and format rate", ("success_rate", "eval/success_rate", "eval/format_rate")),
+    # format_reward is 0/1, so its batch mean is the training format rate
+    ("success and format rate", ("success_rate", "reward/format_reward/mean", "eval/success_rate", "eval/format_rate")),
     ("completion length (tokens)", ("completion/length_mean",)),
     ("KL to reference", ("kl",)),
     ("self-verification phrase rate", ("completion/self_verification_rate",)),
@@ -67,31 +68,35 @@ class RunLog:
 
     def curves(self) -> None:
         """Redraw curves.png from the whole history (cheap: a few hundred points)."""
-        if not self.enabled or not self.history:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only; no display on training machines
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-        for ax, (title, keys) in zip(axes.flat, CURVES):
-            for key in keys:
-                pts = [(r["step"], r[key]) for r in self.history if isinstance(r.get(key), (int, float))]
-                if pts:
-                    ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None, label=key)
-            ax.set_title(title)
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-            if ax.lines:
-                ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(self.dir / "curves.png", dpi=80)
-        plt.close(fig)
+        if self.enabled and self.history:
+            draw_curves(self.history, self.dir / "curves.png")
 
     def close(self) -> None:
         if self.enabled:
             self.tb.close()
+
+
+def draw_curves(history: list[dict], path: Path) -> None:
+    """The CURVES panels of a run's metrics rows (e.g. `_read_rows(dir / "metrics.jsonl")`) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on training machines
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, (title, keys) in zip(axes.flat, CURVES):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in history if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def _read_rows(path: Path) -> list[dict]:
