@@ -70,6 +70,9 @@ class Config:
     num_generations: int = 8
     gradient_accumulation_steps: int = 2
     num_iterations: int = 1  # optimizer updates per generated batch (GRPO's mu)
+    # beta 0 only: a micro-batch whose advantages are all 0 has an exactly-0 loss and gradient, so
+    # its forward and backward are skipped (a zero backward keeps DeepSpeed's count). Same updates.
+    skip_zero_advantage: bool = True
 
     # -- GRPO loss and advantages
     beta: float = 0.04

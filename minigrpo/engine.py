@@ -160,6 +160,24 @@ class PolicyEngine:
         # passes its own mean loss and the step gets the mean over micro-batches.
         self.engine.backward(loss)
 
+    @property
+    def can_skip_backward(self) -> bool:
+        """ZeRO-3 keeps parameters partitioned outside a module's forward, so `backward_zero` has
+        no full parameters to attach a zero loss to there."""
+        return self.zero_stage < 3
+
+    def backward_zero(self) -> None:
+        """A micro-batch whose loss is known to be exactly 0 (every advantage 0, beta 0): a backward
+        of `0 * sum(parameters)` instead of the model. It adds an exact 0 to every gradient, so
+        DeepSpeed's accumulation count, its gradient hooks and their collectives (one per rank per
+        micro-batch) run as for a real micro-batch, and AdamW sees the same gradients (and so the
+        same momentum update) as if the micro-batch had been run. Costs ~1 elementwise pass over
+        the parameters instead of a forward and backward over the sequences."""
+        if not self.can_skip_backward:
+            raise RuntimeError("backward_zero needs ZeRO stage < 3")
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        self.engine.backward(torch.stack([p.sum() for p in params]).sum() * 0.0)
+
     def step(self) -> float | None:
         """Call after every micro-batch; at the accumulation boundary it clips, steps the
         optimizer and the schedule, and returns the global gradient norm before clipping."""

@@ -12,16 +12,23 @@ import torch
 import torch.distributed as dist
 
 def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """Average over ranks (max for *_max keys) so rank 0 logs the global picture."""
+    """Average over ranks (max for *_max keys) so rank 0 logs the global picture. A NaN means "not
+    measured on this rank" (e.g. logprob_gap when every micro-batch was skipped) and is left out of
+    the average; a key no rank measured stays NaN."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return metrics
     keys = sorted(metrics)
-    vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    maxes = vals.clone()
-    dist.all_reduce(vals)
+    vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)  # [K]
+    measured = ~vals.isnan()  # [K]
+    counts = measured.double()
+    maxes = torch.where(measured, vals, torch.tensor(float("-inf"), dtype=torch.float64))
+    sums = torch.where(measured, vals, torch.zeros((), dtype=torch.float64))
+    dist.all_reduce(sums)
+    dist.all_reduce(counts)
     dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
-    n = dist.get_world_size()
-    return {k: (maxes[i] if k.endswith("_max") else vals[i] / n).item() for i, k in enumerate(keys)}
+    nan = float("nan")
+    return {k: (nan if counts[i] == 0 else maxes[i].item() if k.endswith("_max") else (sums[i] / counts[i]).item())
+            for i, k in enumerate(keys)}
 
 
 def sum_over_ranks(x: float) -> float:

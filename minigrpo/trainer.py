@@ -134,9 +134,13 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
 
         # ------------------------------------------------------------ 4. reference / old log-probs
         micro = [slice(i, i + layout.micro_batch) for i in range(0, len(batch), layout.micro_batch)]
+        # beta 0 and every advantage 0: the micro-batch's loss and gradient are exactly 0 (any loss type)
+        zero = [cfg.skip_zero_advantage and cfg.beta == 0 and policy.can_skip_backward
+                and not advantages[s].any().item() for s in micro]
         with timer("reference"), torch.no_grad():
             ref_lp = [_score(reference, batch, s, cfg) for s in micro] if reference is not None else None
-            old_lp = [_score(policy.module, batch, s, cfg) for s in micro] if cfg.num_iterations > 1 else None
+            old_lp = ([None if z else _score(policy.module, batch, s, cfg) for s, z in zip(micro, zero)]
+                      if cfg.num_iterations > 1 else None)
 
         # ------------------------------------------------------------ 5. update (DeepSpeed)
         with timer("train"):
@@ -144,22 +148,26 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
             stats, grad_norm, gap, applied = [], float("nan"), [], 0
             for it in range(cfg.num_iterations):
                 for k, s in enumerate(micro):
-                    lp = _score(policy.module, batch, s, cfg)  # [n, T] with grad
                     _, mask, engine_lp = batch.slice(s).padded(tokenizer.pad_token_id)
+                    # a skipped micro-batch's metrics come from the engine's log-probs (ratio 1, loss 0)
+                    lp = engine_lp if zero[k] else _score(policy.module, batch, s, cfg)  # [n, T]
                     mask = mask.to(lp.device)
                     loss, m = grpo_loss(
-                        lp, old_lp[k] if old_lp else None, ref_lp[k] if ref_lp else None,
+                        lp, old_lp[k] if old_lp and not zero[k] else None, ref_lp[k] if ref_lp else None,
                         advantages[s].to(lp.device), mask, beta=cfg.beta, eps_low=cfg.epsilon,
                         eps_high=cfg.epsilon_high, loss_type=cfg.loss_type,
                         max_completion_length=cfg.max_completion_length,
                     )
-                    policy.backward(loss * loss_scale[k])
+                    if zero[k]:
+                        policy.backward_zero()
+                    else:
+                        policy.backward(loss * loss_scale[k])
                     norm = policy.step()  # optimizer + schedule step at the accumulation boundary
                     if norm is not None:  # an accumulation boundary: the optimizer ran (or skipped)
                         grad_norm = norm
                         applied += not policy.last_step_skipped
                     stats.append(m)
-                    if it == 0:
+                    if it == 0 and not zero[k]:
                         gap.append(((lp.detach().float().cpu() - engine_lp).abs() * mask.cpu()).sum() / mask.sum().clamp(min=1))
 
         # ------------------------------------------------------------ 6. weight push
@@ -182,7 +190,8 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
             "completion/length_mean": float(np.mean(lengths)), "completion/length_max": float(max(lengths)),
             "completion/truncated_fraction": float(np.mean(batch.truncated)),
             "completion/self_verification_rate": phrase_rate(batch.texts, cfg.self_verification_phrases),
-            "logprob_gap": float(torch.stack(gap).mean()),
+            "logprob_gap": float(torch.stack(gap).mean()) if gap else float("nan"),  # nan: all skipped
+            "skipped_micro_batches": float(np.mean(zero)),
             **timer.metrics(), "tokens_per_second": sum(lengths) / max(timer.seconds["generate"], 1e-9),
             "nonfinite_skipped_steps": float(policy.optimizer.skipped),
             # tokens run through the model (a group's shared prompt counts once): for FLOP/s

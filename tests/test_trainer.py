@@ -41,7 +41,10 @@ def test_learns_with_vllm_and_sign_flipped_twin_does_not(tiny_model, tmp_path):
     start, end = rows[0]["reward/says_a/mean"], tail_mean(rows, "reward/says_a/mean")
     assert start < 0.1, start
     assert end > 0.8, [round(r["reward/says_a/mean"], 3) for r in rows]
-    assert max(r["logprob_gap"] for r in rows) < 1e-3  # engine and trainer agree after every push
+    # engine and trainer agree after every push; steps whose micro-batches were all skipped
+    # (all groups scored alike: beta 0) measure no gap and log "nan"
+    gaps = [r["logprob_gap"] for r in rows if r["skipped_micro_batches"] < 1]
+    assert len(gaps) >= 10 and max(gaps) < 1e-3, gaps
 
     flipped = run(tiny_model, tmp_path / "flip", "rollout=vllm", "--negate")
     end_flipped = -tail_mean(flipped, "reward/says_a_negated/mean")
@@ -52,6 +55,23 @@ def test_learns_with_torch_engine(tiny_model, tmp_path):
     rows = run(tiny_model, tmp_path / "torch", "rollout=torch", "max_steps=20")
     assert rows[0]["reward/says_a/mean"] < 0.1
     assert tail_mean(rows, "reward/says_a/mean", 3) > 0.6, [round(r["reward/says_a/mean"], 3) for r in rows]
+
+
+def test_skipping_zero_advantage_micro_batches_changes_no_update(tiny_model, tmp_path):
+    """beta 0, sparse 0/1 reward, one group per micro-batch: the micro-batches whose advantages are
+    all 0 are skipped, and every step's weights (checksum) and loss equal those of the run that
+    computes them. Also checks the run had both kinds, so both paths are exercised."""
+    args = ("--sparse", "rollout=torch", "max_steps=4", "gradient_accumulation_steps=4", "logging_steps=1",
+            "success_reward=starts_with_a")
+    skipped = run(tiny_model, tmp_path / "skip", *args)
+    computed = run(tiny_model, tmp_path / "compute", *args, "skip_zero_advantage=false")
+    fractions = [r["skipped_micro_batches"] for r in skipped]
+    assert 0 < sum(fractions) < len(fractions), fractions  # some skipped, some computed
+    assert all(r["skipped_micro_batches"] == 0 for r in computed)
+    for a, b in zip(skipped, computed):
+        assert a["reward/starts_with_a/mean"] == b["reward/starts_with_a/mean"]  # same samples
+        assert a["param_checksum"] == pytest.approx(b["param_checksum"], rel=1e-6, abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5, abs=1e-9)
 
 
 def test_outputs_and_checkpoint_load_in_transformers(tiny_model, tmp_path):

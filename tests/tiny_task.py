@@ -47,6 +47,11 @@ def says_a_negated(completions, **kw):
     return [-v for v in says_a(completions, **kw)]
 
 
+def starts_with_a(completions, **_):
+    """1 when the first word is "a", else 0: sparse (~1/31 at the start), so many groups score all 0."""
+    return [1.0 if c.split()[:1] == ["a"] else 0.0 for c in completions]
+
+
 def tiny_dataset(n: int = 64, seed: int = 0):
     import random
 
@@ -71,7 +76,7 @@ def main(argv: list[str]) -> None:
     model_dir, out_dir, *overrides = [a for a in argv if not a.startswith("--")]
     # the library defaults, then the tiny task's, then the caller's
     cfg = Config.load(None, TINY_DEFAULTS + [f"model={model_dir}", f"output_dir={out_dir}"] + overrides)
-    reward = says_a_negated if "--negate" in flags else says_a
+    reward = says_a_negated if "--negate" in flags else starts_with_a if "--sparse" in flags else says_a
     train(cfg, [reward], tiny_dataset(), tiny_dataset(16, seed=1), template=None, resume="--resume" in flags)
     print(out_dir)
 
