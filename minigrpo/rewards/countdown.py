@@ -96,8 +96,8 @@ def tag_reward(completions: list[str], **columns) -> list[float]:
 
     Why it exists: a small base model almost never produces the whole format by chance (SmolLM2-135M:
     1 in 128 samples at temperature 1, 0 in 128 at 0.7), so a group of 8 nearly always scores all
-    zeros under `format_reward` and GRPO has no advantage to learn from. A milestone is reached far
-    more often (`</think>` in 14%, `<answer>` in 34% of those samples), which gives the group a spread.
+    zeros under `format_reward` and GRPO has no advantage to learn from. The first milestone is
+    reached far more often (16 of the 128 samples at 0.7), so 11 of those 16 groups had a spread.
     It is shaping for small models, like the "xmlcount" reward of community GRPO demos; report the
     strict `format_reward` as the format rate. Ignores the dataset columns.
     """
