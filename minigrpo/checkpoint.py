@@ -90,8 +90,8 @@ def save(output_dir: Path, step: int, policy, tokenizer, state: dict, rank: int,
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
-        for stale in (output_dir / "checkpoints").glob("step-*.tmp"):  # left by runs killed mid-write
-            shutil.rmtree(stale)
+        if tmp.exists():  # this step's, left by a run killed mid-write (prune removes the others)
+            shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
     policy.save_checkpoint(str(tmp / "deepspeed"), client_state=state)
