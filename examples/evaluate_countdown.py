@@ -15,9 +15,10 @@ from pathlib import Path
 from minigrpo import Config
 from minigrpo.batching import prepare_prompts
 from minigrpo.data import R1_COUNTDOWN, load_countdown
+from minigrpo.evaluation import greedy_sampling
 from minigrpo.models import load_tokenizer, resolve_model
 from minigrpo.rewards import Reward, equation_reward, format_reward, score_completions
-from minigrpo.rollout import Sampling, make_engine
+from minigrpo.rollout import make_engine
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "countdown_cpu.yaml"
 
@@ -40,8 +41,7 @@ def main() -> None:
     tasks = prepare_prompts(test, tokenizer, R1_COUNTDOWN, cfg.max_prompt_length)
     engine = make_engine("vllm", path, dtype=cfg.dtype, seed=cfg.seed,
                          max_model_len=cfg.max_prompt_length + cfg.max_completion_length)
-    batch = engine.generate(tasks.ids, Sampling(n=1, max_tokens=cfg.max_completion_length, temperature=0.0,
-                                                  stop=tuple(cfg.stop), seed=0))
+    batch = engine.generate(tasks.ids, greedy_sampling(cfg))  # as the trainer's evaluations
     scores = score_completions([Reward(format_reward), Reward(equation_reward)], batch.texts, tasks.texts,
                                tasks.columns, 1)
     fmt = sum(v == 1.0 for v in scores.per_reward["format_reward"]) / len(batch)

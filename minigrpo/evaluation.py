@@ -11,6 +11,11 @@ from minigrpo.rewards import score_completions
 from minigrpo.rollout import Sampling
 
 
+def greedy_sampling(cfg) -> Sampling:
+    """How held-out tasks are answered: one greedy completion, with the training length and stop strings."""
+    return Sampling(n=1, max_tokens=cfg.max_completion_length, temperature=0.0, stop=tuple(cfg.stop), seed=0)
+
+
 def evaluate(rollout, eval_set, rewards, cfg, info) -> dict[str, float]:
     """Greedy completions for the first `cfg.eval_num_samples` held-out prompts, split over ranks.
 
@@ -22,8 +27,7 @@ def evaluate(rollout, eval_set, rewards, cfg, info) -> dict[str, float]:
     sums = {r.name: 0.0 for r in rewards} | {"success": 0.0, "format": 0.0, "count": float(len(idx))}
     if idx:
         texts, ids, cols = eval_set.select(idx)
-        greedy = Sampling(n=1, max_tokens=cfg.max_completion_length, temperature=0.0, stop=tuple(cfg.stop), seed=0)
-        batch = rollout.generate(ids, greedy)
+        batch = rollout.generate(ids, greedy_sampling(cfg))
         scores = score_completions(rewards, batch.texts, texts, cols, 1,
                                    on_error=cfg.reward_on_error, timeout_s=cfg.reward_timeout)
         for name, values in scores.per_reward.items():
