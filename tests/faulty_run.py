@@ -3,7 +3,7 @@
     python tests/faulty_run.py MODEL_DIR OUT_DIR [--rewards=says_a,raises_on_b,...] [--nan-at=2,4]
                                [--hang-at=K] [--break-push-at=K] [--resume] [key=value ...]
 
---rewards=A,B      train on these rewards (default says_a), named as the functions below
+--rewards=A,B      train on these rewards (default says_a): the functions below or tiny_task's
 --nan-at=K,...     multiply the loss by NaN at these steps (every micro-batch of the step)
 --hang-at=K        the reward `hangs_at_step` sleeps for 1e6 s from step K on (0.0 before)
 --break-push-at=K  from step K on the vLLM weight push loads nothing (its `_load_chunk` is a no-op)
@@ -23,13 +23,11 @@ from __future__ import annotations
 import sys
 import time
 
+from tiny_task import REWARDS as TASK_REWARDS
+from tiny_task import TINY_DEFAULTS, tiny_dataset
+
 STEP = 0  # the step being run; forked reward processes inherit it
 HANG_AT = 10**9
-
-
-def says_a(completions, **_):
-    """Fraction of the completion's words that are "a" (as tests/tiny_task.py)."""
-    return [sum(w == "a" for w in c.split()) / max(len(c.split()), 1) for c in completions]
 
 
 def constant(completions, **_):
@@ -58,7 +56,8 @@ def hangs_at_step(completions, **_):
     return [0.0] * len(completions)
 
 
-REWARDS = {f.__name__: f for f in (says_a, constant, first_letter, raises_on_b, hangs_at_step)}
+# the tiny task's own rewards, plus the ones above
+REWARDS = {**TASK_REWARDS, **{f.__name__: f for f in (constant, first_letter, raises_on_b, hangs_at_step)}}
 
 
 def _event(text: str) -> None:
@@ -98,8 +97,6 @@ def _inject(nan_at: set[int], break_push_at: int | None) -> None:
 
 def main(argv: list[str]) -> None:
     global HANG_AT
-    from tiny_task import TINY_DEFAULTS, tiny_dataset
-
     from minigrpo import Config, train
 
     flags = dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--"))

@@ -46,7 +46,7 @@ def test_learns_with_vllm_and_sign_flipped_twin_does_not(tiny_model, tmp_path):
     gaps = [r["logprob_gap"] for r in rows if r["skipped_micro_batches"] < 1]
     assert len(gaps) >= 10 and max(gaps) < 1e-3, gaps
 
-    flipped = run(tiny_model, tmp_path / "flip", "rollout=vllm", "--negate")
+    flipped = run(tiny_model, tmp_path / "flip", "rollout=vllm", "--reward=says_a_negated")
     end_flipped = -tail_mean(flipped, "reward/says_a_negated/mean")
     assert end_flipped < 0.05, [round(-r["reward/says_a_negated/mean"], 3) for r in flipped]
 
@@ -61,7 +61,7 @@ def test_skipping_zero_advantage_micro_batches_changes_no_update(tiny_model, tmp
     """beta 0, sparse 0/1 reward, one group per micro-batch: the micro-batches whose advantages are
     all 0 are skipped, and every step's weights (checksum) and loss equal those of the run that
     computes them. Also checks the run had both kinds, so both paths are exercised."""
-    args = ("--sparse", "rollout=torch", "max_steps=4", "gradient_accumulation_steps=4", "logging_steps=1",
+    args = ("--reward=starts_with_a", "rollout=torch", "max_steps=4", "gradient_accumulation_steps=4", "logging_steps=1",
             "success_reward=starts_with_a")
     skipped = run(tiny_model, tmp_path / "skip", *args)
     computed = run(tiny_model, tmp_path / "compute", *args, "skip_zero_advantage=false")

@@ -16,8 +16,6 @@ from minigrpo.rewards import equation_reward, format_reward
 ROOT = Path(__file__).resolve().parent.parent
 
 
-
-
 def test_dataset_missing_reward_columns(no_heavy_work, monkeypatch):
     monkeypatch.setattr(trainer, "resolve_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     ds = Dataset.from_dict({"prompt": ["a", "b"], "target": [1, 2]})

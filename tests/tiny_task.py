@@ -4,7 +4,9 @@ The model is a 2-layer Llama over a 32-word vocabulary (word-level tokenizer), s
 model samples nearly uniformly and a reward is learnable in a few dozen steps on a CPU.
 Task: the reward `says_a` is the fraction of completion words that are "a" (~1/30 at the start).
 
-    python tests/tiny_task.py MODEL_DIR OUT_DIR [--negate] [--resume] [key=value ...]
+    python tests/tiny_task.py MODEL_DIR OUT_DIR [--reward=NAME] [--resume] [key=value ...]
+
+--reward=NAME  train on one of REWARDS (default says_a)
 Run as a script so each training run gets a fresh process (vLLM and DeepSpeed keep global state).
 """
 
@@ -52,6 +54,9 @@ def starts_with_a(completions, **_):
     return [1.0 if c.split()[:1] == ["a"] else 0.0 for c in completions]
 
 
+REWARDS = {f.__name__: f for f in (says_a, says_a_negated, starts_with_a)}
+
+
 def tiny_dataset(n: int = 64, seed: int = 0):
     import random
 
@@ -72,12 +77,12 @@ TINY_DEFAULTS = [
 def main(argv: list[str]) -> None:
     from minigrpo import Config, train
 
-    flags = {a for a in argv if a.startswith("--")}
+    flags = dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--"))
     model_dir, out_dir, *overrides = [a for a in argv if not a.startswith("--")]
     # the library defaults, then the tiny task's, then the caller's
     cfg = Config.load(None, TINY_DEFAULTS + [f"model={model_dir}", f"output_dir={out_dir}"] + overrides)
-    reward = says_a_negated if "--negate" in flags else starts_with_a if "--sparse" in flags else says_a
-    train(cfg, [reward], tiny_dataset(), tiny_dataset(16, seed=1), template=None, resume="--resume" in flags)
+    reward = REWARDS[flags.get("reward", "says_a")]
+    train(cfg, [reward], tiny_dataset(), tiny_dataset(16, seed=1), template=None, resume="resume" in flags)
     print(out_dir)
 
 
