@@ -77,14 +77,16 @@ def main() -> None:
         with torch.no_grad():
             expected = completion_logprobs(policy, [probe_ids[:1]], [probe_ids[1:]], 1.0)[0]
         probe = Probe(tuple(probe_ids), tuple(expected.tolist()), 1e-3)
-        load_s, total_s = [], []
+        load_s, check_s, total_s = [], [], []
         for _ in range(args.pushes):
             start = time.perf_counter()
             engine.push_weights(policy.named_parameters(), probe)
             total_s.append(time.perf_counter() - start)
-            load_s.append(engine.last_push_seconds)
+            load_s.append(engine.last_load_seconds)
+            check_s.append(engine.last_checksum_seconds)
         results["push_s (load + reset cache)"] = sum(load_s) / len(load_s)
-        results["push_s (with probe check)"] = sum(total_s) / len(total_s)
+        results["push_s (exact checksums, both sides)"] = sum(check_s) / len(check_s)
+        results["push_s (all, with probe check)"] = sum(total_s) / len(total_s)
 
     if "torch" in engines:
         engine = TorchEngine(policy, tokenizer)

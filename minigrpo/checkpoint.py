@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from minigrpo import collectives
+
 _NAME = re.compile(r"^step-(\d{6,})$")
 
 
@@ -77,13 +79,6 @@ def prune(output_dir: Path, keep: int) -> None:
         shutil.rmtree(p)
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def save(output_dir: Path, step: int, policy, tokenizer, state: dict, rank: int, keep: int) -> Path:
     """Write checkpoint `step` atomically; every rank calls it (the DeepSpeed save and the ZeRO-3
     gather are collective)."""
@@ -93,21 +88,24 @@ def save(output_dir: Path, step: int, policy, tokenizer, state: dict, rank: int,
         if tmp.exists():  # this step's, left by a run killed mid-write (prune removes the others)
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    _barrier()
+    collectives.barrier()
     policy.save_checkpoint(str(tmp / "deepspeed"), client_state=state)
-    weights = dict(policy.full_weights())
+    weights = {}
+    for name, tensor in policy.full_weights():  # collective under ZeRO-3: every rank iterates
+        if rank == 0:  # only rank 0 writes, so only it keeps a (CPU) copy; GPUs hold one chunk at most
+            weights[name] = tensor.to("cpu", copy=True)
     if rank == 0:
         policy.module.save_pretrained(tmp / "model", state_dict=weights)
         tokenizer.save_pretrained(tmp / "model")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
     save_rng(tmp, rank)
-    _barrier()
+    collectives.barrier()
     if rank == 0:
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)  # the commit point: before it the checkpoint does not exist
         prune(output_dir, keep)
-    _barrier()
+    collectives.barrier()
     return final
 
 

@@ -56,7 +56,11 @@ class Config:
     vllm_server_port: int | None = None
     vllm_server_timeout: float = 600.0
     vllm_server_tensor_parallel_size: int = 1  # GPUs of a server the trainer starts
-    sync_check_atol: float = 1e-3  # weight-push probe tolerance (log-probabilities)
+    vllm_server_devices: str | None = None  # its CUDA_VISIBLE_DEVICES on a GPU machine, e.g. "3" (required there)
+    # Every push is checked exactly (integer sums of every weight's bits) and then by a probe: the
+    # engine's log-probs of a fixed text within this tolerance of the trainer's. None: calibrated
+    # before step 1, while both hold the same weights (10x their difference, at least 1e-3).
+    sync_check_atol: float | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -92,7 +96,6 @@ class Config:
     max_grad_norm: float = 1.0
     deepspeed: str | None = None  # DeepSpeed JSON/YAML config (ZeRO stage etc.); None = ZeRO-0
     gradient_checkpointing: bool = False
-    reference_on_cpu: bool = False  # keep the frozen reference in CPU memory (GPU runs)
     logprob_chunk_tokens: int | None = None  # tokens per LM-head chunk; None: ~256 MB of logits
     max_nonfinite_steps: int = 3  # this many skipped (NaN/inf) steps in a row stop the run
 
@@ -141,6 +144,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict) -> Config:
+        for key in sorted(set(values) & set(REMOVED)):
+            raise ConfigError(f"{key} was removed: {REMOVED[key]}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -195,7 +200,7 @@ class Config:
         need(self.logprob_chunk_tokens is None or self.logprob_chunk_tokens >= 1, "logprob_chunk_tokens", "must be >= 1")
         need(0 < self.test_size < 1, "test_size", "must be in (0, 1)")
         need(self.dataset_size is None or self.dataset_size >= 2, "dataset_size", "must be >= 2 (or null)")
-        need(self.sync_check_atol > 0, "sync_check_atol", "must be > 0")
+        need(self.sync_check_atol is None or self.sync_check_atol > 0, "sync_check_atol", "must be > 0 (or null: calibrate)")
         if self.deepspeed is not None:
             need(Path(self.deepspeed).is_file(), "deepspeed", "no such DeepSpeed config file")
         need((self.prompts_per_step * self.num_generations) % self.gradient_accumulation_steps == 0,
@@ -218,6 +223,13 @@ class Config:
                 f"{completions} completions each of the {world_size} ranks gets per step"
             )
         return Layout(world_size, prompts, completions, completions // self.gradient_accumulation_steps)
+
+
+REMOVED = {  # keys older recipes may still carry, and why they are gone
+    "reference_on_cpu": "it computed the reference log-probs on the CPU (minutes per step for a 3B "
+                        "model) and returned them to the wrong device. The reference lives on the "
+                        "training device; with beta: 0 it is not loaded at all",
+}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from minigrpo import collectives
 from minigrpo.config import Config, ConfigError, Layout, load_deepspeed_config
+from minigrpo.models import disable_dropout
 
 
 @dataclass(frozen=True)
@@ -35,12 +37,18 @@ def init_distributed() -> DistInfo:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        # Before the group exists: NCCL (and broadcast_object_list) use the current device, and
+        # without this every rank of a node would put its communicator on GPU 0.
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    else:
         # Explicit CPU accelerator: without it DeepSpeed guesses, with a warning per process.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     if not torch.distributed.is_initialized():
+        # One backend for the default group: NCCL on GPUs, gloo on CPUs. Our own small CPU tensors
+        # (metric sums, votes) reach it only through minigrpo.collectives, which moves them.
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return DistInfo(
         torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
@@ -74,6 +82,10 @@ def deepspeed_config(cfg: Config, layout: Layout) -> dict:
     for key, on in (("bf16", cfg.dtype == "bfloat16"), ("fp16", cfg.dtype == "float16")):
         ds[key] = {**ds.get(key, {}), "enabled": on}
     ds.setdefault("zero_optimization", {"stage": 0})
+    # DeepSpeed 0.19.8 accepts a client optimizer at ZeRO stage > 0 only if its type is exactly one
+    # it knows (torch.optim.AdamW is); GuardedAdamW is AdamW plus a finite-gradient vote before
+    # super().step(), so the update is AdamW's. Without this key every stage > 0 is refused.
+    ds["zero_allow_untested_optimizer"] = True
     ds.setdefault("steps_per_print", 10**9)  # our own logging
     if "optimizer" in ds or "scheduler" in ds:
         raise ConfigError(f"{cfg.deepspeed}: optimizer and scheduler come from the minigrpo config; remove them")
@@ -113,10 +125,8 @@ class GuardedAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         norms = torch._foreach_norm(grads) if grads else []
-        finite = torch.tensor(float(all(torch.isfinite(n).item() for n in norms)))
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        self.overflow = finite.item() == 0.0
+        finite = float(all(torch.isfinite(n).item() for n in norms))
+        self.overflow = collectives.all_reduce_scalars([finite], "min")[0] == 0.0  # every rank votes
         if self.overflow:
             self.skipped += 1
             return None
@@ -130,6 +140,11 @@ class PolicyEngine:
         import deepspeed
 
         self.cfg = cfg
+        # Train mode, or transformers' gradient checkpointing does nothing (it checks `training`),
+        # and no dropout, so every log-probability pass of the same weights gives the same numbers
+        # (the loss compares them with the reference's and the engine's).
+        disable_dropout(model)
+        model.train()
         if cfg.gradient_checkpointing:
             # Before initialize: DeepSpeed wraps the module and the flag must already be set.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -155,10 +170,29 @@ class PolicyEngine:
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
+    def gathered(self, params):
+        """A context in which `params` are whole on every rank (all ranks must enter it): under
+        ZeRO-3 outside their module's forward they are partitioned (shape (0,)); DeepSpeed makes
+        it a no-op for parameters that are not partitioned. For `scoring.head_logprobs`."""
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
     def backward(self, loss: torch.Tensor) -> None:
         # DeepSpeed divides the loss by gradient_accumulation_steps here, so each micro-batch
         # passes its own mean loss and the step gets the mean over micro-batches.
+        self._new_backward()
         self.engine.backward(loss)
+
+    def _new_backward(self) -> None:
+        """DeepSpeed 0.19.8 clears its ZeRO optimizer's "backward seen" flag at the start of
+        `engine.forward`; minigrpo's forwards call the module's parts directly (base model, then the
+        LM head: scoring.py), so the flag is cleared here, before each micro-batch's backward.
+        Without it ZeRO-3 took a micro-batch's backward for a re-entry of the previous one and lost
+        a micro-batch's gradient (global norm 11.3 instead of 42.0 with 2 micro-batches, tested)."""
+        clear = getattr(self.engine.optimizer, "clear_backward_seen_flag", None)
+        if clear is not None:
+            clear()
 
     @property
     def can_skip_backward(self) -> bool:
@@ -176,6 +210,7 @@ class PolicyEngine:
         if not self.can_skip_backward:
             raise RuntimeError("backward_zero needs ZeRO stage < 3")
         params = [p for p in self.module.parameters() if p.requires_grad]
+        self._new_backward()
         self.engine.backward(torch.stack([p.sum() for p in params]).sum() * 0.0)
 
     def step(self) -> float | None:
@@ -183,9 +218,13 @@ class PolicyEngine:
         optimizer and the schedule, and returns the global gradient norm before clipping."""
         boundary = self.engine.is_gradient_accumulation_boundary()
         norm = None
-        if boundary and self.zero_stage == 0:
-            # ZeRO-0 clips without keeping the norm; gradients are already averaged over ranks
-            # at the boundary, so the local total norm is the global one.
+        if boundary and self.engine.optimizer is self.optimizer:
+            # DeepSpeed 0.19.8 steps our AdamW directly only at ZeRO-0 in fp32, and then clips with
+            # torch's clip_grad_norm_ without keeping the norm; the module's gradients are the
+            # step's, already averaged over ranks, so their norm is the global one. Every other
+            # case has a DeepSpeed wrapper (ZeRO, or the bf16/fp16 optimizer that accumulates
+            # into its own fp32 buffers and clears the module's bf16 gradients after each
+            # micro-batch): it records the global norm of the step, read below.
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
         self.engine.step()
@@ -226,6 +265,29 @@ class PolicyEngine:
                     copies = [(n, q.detach().clone()) for n, q in chunk]
                 yield from copies
                 chunk, size = [], 0
+
+    def checksum_views(self) -> tuple[list[tuple[int, torch.Tensor]], list[tuple[int, torch.Tensor]]]:
+        """What this rank holds of the weights, for the replica check (runtime.check_replicas):
+        `(shards, replicas)`, lists of (parameter index, tensor). `shards` are this rank's parts of
+        parameters whose parts differ between ranks (they add up over ranks to the whole model);
+        `replicas` are whole parameters that every rank holds a copy of, which must be equal.
+
+        ZeRO-0/1/2: every parameter is a replica. ZeRO-3: every parameter is a shard (its partition,
+        `ds_tensor`, without the padding of the last rank's part), and the parameters DeepSpeed
+        keeps whole on every rank (below stage3_param_persistence_threshold) are also replicas."""
+        params = list(self.module.parameters())
+        if self.zero_stage < 3:
+            return [], [(i, p.detach()) for i, p in enumerate(params)]
+        shards = []
+        for i, p in enumerate(params):
+            # DeepSpeed 0.19.8: rank r of the parameter's partition group holds elements
+            # [r * part, (r + 1) * part) of the flattened parameter (ds_numel elements); the
+            # last part is padded with elements that belong to nothing.
+            part = p.ds_tensor.ds_numel
+            valid = max(0, min(part, p.ds_numel - collectives.rank(p.ds_process_group) * part))
+            shards.append((i, p.ds_tensor.detach().reshape(-1)[:valid]))
+        replicas = [(i, p.detach()) for i, p in enumerate(params) if p.numel() == p.ds_numel]  # kept whole
+        return shards, replicas
 
     def save_checkpoint(self, path: str, client_state: dict) -> None:
         self.engine.save_checkpoint(path, tag="deepspeed", client_state=client_state)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import re
 
-import torch
-import torch.distributed as dist
-
+from minigrpo import collectives
 from minigrpo.rewards import score_completions
 from minigrpo.rollout import Sampling
 
@@ -23,22 +21,23 @@ def evaluate(rollout, eval_set, rewards, cfg, info) -> dict[str, float]:
     reward is exactly 1), and `eval/format_rate` when a reward named format_reward is present.
     """
     n = min(cfg.eval_num_samples, len(eval_set))
-    idx = list(range(info.rank, n, info.world_size))
-    sums = {r.name: 0.0 for r in rewards} | {"success": 0.0, "format": 0.0, "count": float(len(idx))}
-    if idx:
-        texts, ids, cols = eval_set.select(idx)
-        batch = rollout.generate(ids, greedy_sampling(cfg))
-        scores = score_completions(rewards, batch.texts, texts, cols, 1,
-                                   on_error=cfg.reward_on_error, timeout_s=cfg.reward_timeout)
-        for name, values in scores.per_reward.items():
-            sums[name] = sum(v or 0.0 for v in values)
-        sums["success"] = sum(v == 1.0 for v in scores.per_reward.get(cfg.success_reward, []))
-        sums["format"] = sum(v == 1.0 for v in scores.per_reward.get("format_reward", []))
+    if n == 0:
+        return {}
+    # Every rank answers as many prompts (the last ranks repeat prompt 0 and do not count it): a
+    # lockstep engine (ZeRO-3) runs the same forward passes on every rank.
+    idx = list(range(info.rank, -(-n // info.world_size) * info.world_size, info.world_size))
+    real = [i < n for i in idx]
+    texts, ids, cols = eval_set.select([i if i < n else 0 for i in idx])
+    batch = rollout.generate(ids, greedy_sampling(cfg))
+    scores = score_completions(rewards, batch.texts, texts, cols, 1,
+                               on_error=cfg.reward_on_error, timeout_s=cfg.reward_timeout)
+    sums = {"count": float(sum(real))}
+    for name, values in scores.per_reward.items():
+        sums[name] = sum(v or 0.0 for v, r in zip(values, real) if r)
+    sums["success"] = sum(v == 1.0 and r for v, r in zip(scores.per_reward.get(cfg.success_reward, []), real))
+    sums["format"] = sum(v == 1.0 and r for v, r in zip(scores.per_reward.get("format_reward", []), real))
     keys = sorted(sums)
-    vec = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(vec)
-    total = dict(zip(keys, vec.tolist()))
+    total = dict(zip(keys, collectives.all_reduce_scalars([float(sums[k]) for k in keys])))
     count = max(total.pop("count"), 1.0)
     out = {"eval/success_rate": total.pop("success") / count}
     fmt = total.pop("format")

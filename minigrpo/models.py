@@ -190,3 +190,15 @@ def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | str = torch.flo
             raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'")
         dtype = getattr(torch, dtype)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability in `model` to 0: `nn.Dropout` modules, and the float attributes
+    transformers' attention modules read in train mode (`attention_dropout`, `dropout`; e.g.
+    Qwen2/Llama `dropout=0.0 if not self.training else self.attention_dropout`)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for attr in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)

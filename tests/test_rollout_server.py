@@ -36,11 +36,6 @@ def slow(test):
     return pytest.mark.slow(needs_vllm(test))
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
 def torchrun(port: int) -> tuple:
     return (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port))
 
@@ -85,6 +80,58 @@ def test_server_config_keys_are_checked():
     for key, value in bad:
         with pytest.raises(ConfigError, match=key):
             Config(rollout="vllm_server", **{key: value})
+
+
+def test_a_server_on_a_gpu_machine_gets_gpus_no_training_rank_uses():
+    from minigrpo.rollout.server_engine import RolloutServerError, server_gpus
+
+    # the seed's node: ranks on GPUs 0-2 (CUDA_VISIBLE_DEVICES=0,1,2), the server on 3
+    assert server_gpus("3", 1, "0,1,2", 3) == "3"
+    assert server_gpus(" 6, 7", 2, None, 4) == "6,7"  # ranks on 0-3 when nothing is set
+    with pytest.raises(RolloutServerError, match="needs GPUs of its own"):  # it would share rank 0's GPU
+        server_gpus(None, 1, "0,1,2", 3)
+    with pytest.raises(RolloutServerError, match=r"includes GPU\(s\) \['2'\] that training ranks use"):
+        server_gpus("2,3", 1, "0,1,2", 3)
+    with pytest.raises(RolloutServerError, match="1 GPU\(s\) for tensor_parallel_size 2"):
+        server_gpus("3", 2, "0,1,2", 3)
+    assert Config(rollout="vllm_server", vllm_server_devices="3").vllm_server_devices == "3"
+
+
+@slow
+def test_server_checks_every_push_exactly_transport_included(tiny_model, tmp_path, monkeypatch):
+    """The trainer sends the bits sums of its tensors; the server checks its engine's weights against
+    the tensors it received, and those against the trainer's sums. One byte flipped on the way (in
+    the broadcast buffer, after the trainer summed the tensor) is a WeightSyncError naming it."""
+    from transformers import AutoModelForCausalLM
+
+    from minigrpo import collectives
+    from minigrpo.rollout import WeightSyncError
+    from minigrpo.rollout.server_engine import VLLMServerEngine
+
+    server, port, env = start_server(tiny_model, tmp_path)
+    monkeypatch.setenv("MINIGRPO_ROLLOUT_AUTHKEY", env["MINIGRPO_ROLLOUT_AUTHKEY"])
+    engine = None
+    try:
+        engine = VLLMServerEngine(tiny_model, port=port, timeout=TIMEOUT, dtype="float32")
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.01)
+        engine.push_weights(model.named_parameters(), None)  # clean: passes the exact checks
+        assert engine.last_checksum_seconds > 0
+        broadcast = collectives.broadcast_in
+
+        def flip_a_byte(group, buffer, src, timeout, what):
+            buffer[100] ^= 1  # inside the first tensor of the chunk
+            return broadcast(group, buffer, src, timeout, what)
+
+        monkeypatch.setattr(collectives, "broadcast_in", flip_a_byte)
+        with pytest.raises(WeightSyncError, match="arrived different from what the trainer sent"):
+            engine.push_weights(model.named_parameters(), None)
+    finally:
+        if engine is not None:
+            engine.close()
+        server.kill()
 
 
 @slow

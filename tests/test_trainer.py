@@ -18,11 +18,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = str(ROOT / "tests" / "tiny_task.py")
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
 def run(model, out, *args, launcher=()):
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT / "tests")}
     proc = subprocess.run([*launcher, *(() if launcher else (sys.executable,)), SCRIPT, str(model), str(out), *args],

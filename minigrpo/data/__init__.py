@@ -2,27 +2,22 @@
 
 To train on your own dataset, see `minigrpo.data.prompts`: a `prompt` (or `messages`) column plus
 any columns your reward functions take as keyword arguments.
+
+The Countdown loaders (`load_countdown`, ...) are imported on first use: they need `datasets` and
+`pyarrow`, which training on a dataset you built yourself does not (the GPU check runs without them).
 """
 
-from minigrpo.data.countdown import (
-    GENERATED_SIZE,
-    HUB_DATASET,
-    load_countdown,
-    normalize_countdown,
-    read_countdown_file,
-)
 from minigrpo.data.generate import generate_countdown
 from minigrpo.data.prompts import R1_COUNTDOWN, PromptTemplate, render_prompt, tokenize_prompts
 
-__all__ = [
-    "GENERATED_SIZE",
-    "HUB_DATASET",
-    "PromptTemplate",
-    "R1_COUNTDOWN",
-    "generate_countdown",
-    "load_countdown",
-    "normalize_countdown",
-    "read_countdown_file",
-    "render_prompt",
-    "tokenize_prompts",
-]
+_COUNTDOWN = ("GENERATED_SIZE", "HUB_DATASET", "load_countdown", "normalize_countdown", "read_countdown_file")
+
+__all__ = [*_COUNTDOWN, "PromptTemplate", "R1_COUNTDOWN", "generate_countdown", "render_prompt", "tokenize_prompts"]
+
+
+def __getattr__(name: str):
+    if name in _COUNTDOWN:
+        from minigrpo.data import countdown
+
+        return getattr(countdown, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -131,6 +131,12 @@ class RolloutEngine(Protocol):
         """`sampling.n` completions for each of the P prompts (token ids), prompt-major."""
         ...
 
-    def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], probe: Probe | None) -> None:
-        """Load these weights (Hugging Face names) in place, then verify them with `probe`."""
+    def score(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """Log-probability of tokens 1..L-1 of each sequence given the ones before (temperature 1)."""
+        ...
+
+    def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], probe: Probe | None) -> object:
+        """Load these weights (Hugging Face names) in place and verify them: exactly, every engine
+        weight against the bits of the tensors given (engines with a copy of the weights), and
+        with `probe`. A mismatch is a `WeightSyncError`."""
         ...

@@ -31,6 +31,7 @@ from multiprocessing.connection import Listener, wait
 import torch
 import torch.distributed as dist
 
+from minigrpo import collectives
 from minigrpo.rollout.base import WeightSyncError
 from minigrpo.rollout.server_engine import (
     AUTHKEY_ENV, RolloutServerError, pack_layout, unpack, weight_backend, weight_group,
@@ -151,6 +152,13 @@ class Server:
                 conn.send(("error", f"{type(err).__name__}: {err}"))
                 return
             conn.send(("ok", batch))
+        elif kind == "score":
+            try:
+                scores = self.engine.score(payload)
+            except ValueError as err:
+                conn.send(("error", f"{type(err).__name__}: {err}"))
+                return
+            conn.send(("ok", scores))
         elif kind == "weights_group":  # rank 0 only: our store on a fresh port, then both join
             delta = datetime.timedelta(seconds=self.timeout)
             self.store = dist.TCPStore(self.host, 0, 2, is_master=True, timeout=delta, wait_for_workers=False)
@@ -165,10 +173,10 @@ class Server:
         """Feed the broadcast chunks to VLLMEngine.push_weights as they arrive, then answer."""
         if self.group is None:
             raise RolloutServerError("push before the weight group was set up")
-        ended = False
+        ended, trainer_sums = False, None
 
         def arriving():
-            nonlocal ended
+            nonlocal ended, trainer_sums
             while True:
                 if not conn.poll(self.timeout):
                     raise _ChannelLost(f"no weight chunk for {self.timeout:.0f} s")
@@ -177,7 +185,7 @@ class Server:
                 except (EOFError, OSError) as err:
                     raise _ChannelLost(f"{type(err).__name__}: {err}") from err
                 if kind == "push_end":
-                    ended = True
+                    ended, trainer_sums = True, specs
                     return
                 if kind == "chunk":
                     yield from self._receive_chunk(specs)
@@ -186,7 +194,10 @@ class Server:
 
         start = time.perf_counter()
         try:
-            self.engine.push_weights(arriving(), probe)
+            received = self.engine.push_weights(arriving(), probe)  # engine weights == received, exactly
+            if received != trainer_sums:  # received == what the trainer sent
+                wrong = sorted(n for n in set(received) | set(trainer_sums) if received.get(n) != trainer_sums.get(n))
+                raise WeightSyncError(f"{len(wrong)} tensor(s) arrived different from what the trainer sent: {wrong[:5]}")
         except _ChannelLost:
             raise
         except Exception as err:  # noqa: BLE001 a failed load or probe: read the rest of the push, answer it
@@ -198,13 +209,13 @@ class Server:
             return
         seconds = time.perf_counter() - start
         _log(f"weights received, loaded and verified in {seconds:.2f} s")
-        conn.send(("ok", {"seconds": seconds}))
+        conn.send(("ok", {"seconds": seconds, "checksum_seconds": self.engine.last_checksum_seconds}))
 
     def _receive_chunk(self, specs) -> list:
         buf = torch.empty(pack_layout(specs)[1], dtype=torch.uint8, device=self.device)  # fresh: vLLM keeps views
         try:
-            self.group.broadcast(buf, 0, datetime.timedelta(seconds=self.timeout)).wait()
-        except RuntimeError as err:  # the sender died or the broadcast timed out
+            collectives.broadcast_in(self.group, buf, 0, self.timeout, "a weight chunk's broadcast")
+        except (RuntimeError, TimeoutError) as err:  # the sender died or the broadcast timed out
             raise _ChannelLost(f"weight broadcast failed: {err}") from err
         return unpack(buf, specs)
 

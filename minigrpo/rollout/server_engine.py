@@ -8,8 +8,10 @@ Two channels join the trainer and the server (minigrpo/rollout/server.py):
   `init_process_group`, because the trainer's default group (its ranks) already exists.
 
 A push, rank 0 only: ("push_begin", probe), then per chunk ("chunk", specs) followed by a
-`broadcast` of the chunk packed into one uint8 buffer, then ("push_end", None). The server loads
-the tensors with VLLMEngine's in-place reload, verifies the probe and answers. Other ranks iterate
+`broadcast` of the chunk packed into one uint8 buffer, then ("push_end", sums): the `bits_sum` of
+every tensor as the trainer holds it. The server loads the tensors with VLLMEngine's in-place
+reload, which checks every engine weight exactly against the tensors it received; the server then
+checks those against the trainer's sums (so the transport is covered too) and the probe, and answers. Other ranks iterate
 `named_tensors` (a ZeRO-3 gather is collective) and then wait for rank 0's outcome, so no rank
 generates with the old weights. Every wait has a deadline (`timeout` seconds); a server that dies
 or stops answering is a `RolloutServerError` naming it. Each rank also sends a heartbeat every
@@ -35,6 +37,8 @@ from multiprocessing.connection import Client
 import torch
 import torch.distributed as dist
 
+from minigrpo import collectives
+from minigrpo.checksum import bits_sum
 from minigrpo.rollout.base import Probe, RolloutBatch, Sampling, WeightSyncError
 
 AUTHKEY_ENV = "MINIGRPO_ROLLOUT_AUTHKEY"  # a secret string; the server and every trainer rank must share it
@@ -94,6 +98,28 @@ def _numel(shape) -> int:
     return n
 
 
+def server_gpus(devices: str | None, tensor_parallel_size: int, trainer_visible: str | None, local_ranks: int) -> str:
+    """CUDA_VISIBLE_DEVICES for a server the trainer starts on a GPU machine: `devices`, checked.
+
+    The server inherits the trainer's environment, so without this it would share rank 0's GPU,
+    and NCCL refuses a group of two processes on one device (the weight channel). `trainer_visible`
+    and `local_ranks` say which GPUs this node's training ranks use (rank r: the r-th visible one)."""
+    how = ("set vllm_server_devices to GPUs no training rank uses (e.g. vllm_server_devices=3 with "
+           "CUDA_VISIBLE_DEVICES=0,1,2 for the ranks), or start the server by hand on its own GPU and "
+           "set vllm_server_port (README: Running on GPUs)")
+    if not devices:
+        raise RolloutServerError(f"on a GPU machine the rollout server needs GPUs of its own: {how}")
+    wanted = [d.strip() for d in devices.split(",") if d.strip()]
+    visible = [d.strip() for d in trainer_visible.split(",")] if trainer_visible else [str(i) for i in range(local_ranks)]
+    shared = sorted(set(wanted) & set(visible[:local_ranks]))
+    if shared:
+        raise RolloutServerError(f"vllm_server_devices={devices} includes GPU(s) {shared} that training ranks use: {how}")
+    if len(wanted) < tensor_parallel_size:
+        raise RolloutServerError(f"vllm_server_devices={devices} has {len(wanted)} GPU(s) for tensor_parallel_size "
+                                 f"{tensor_parallel_size}")
+    return ",".join(wanted)
+
+
 # ---------------------------------------------------------------------- the client
 
 class VLLMServerEngine:
@@ -109,13 +135,12 @@ class VLLMServerEngine:
     shares_policy_weights = False
 
     def __init__(self, model_path, *, host: str = "127.0.0.1", port: int | None = None, timeout: float = 600.0,
-                 tensor_parallel_size: int = 1, push_chunk_bytes: int = DEFAULT_BROADCAST_CHUNK_BYTES,
-                 **vllm_options):
+                 tensor_parallel_size: int = 1, devices: str | None = None,
+                 push_chunk_bytes: int = DEFAULT_BROADCAST_CHUNK_BYTES, **vllm_options):
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.timeout, self.chunk_bytes = float(timeout), push_chunk_bytes
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank, self.world = collectives.rank(), collectives.world_size()
         self.child: subprocess.Popen | None = None
         self.group = self.store = None
         self._send_lock = threading.Lock()
@@ -130,13 +155,11 @@ class VLLMServerEngine:
                                                  f"was started with in ${AUTHKEY_ENV}")
                     status = {"host": host, "port": port, "key": key, "pid": None}
                 else:
-                    status = self._start_server(model_path, tensor_parallel_size, vllm_options)
+                    status = self._start_server(model_path, tensor_parallel_size, devices, vllm_options)
             except Exception as err:  # told to the other ranks too, so none waits forever
                 status = {"error": f"{type(err).__name__}: {err}"}
         if self.world > 1:  # the barrier after which the other ranks connect
-            box = [status]
-            dist.broadcast_object_list(box, src=0)
-            status = box[0]
+            status = collectives.broadcast_object(status, src=0)
         if "error" in status:
             raise RolloutServerError(f"rank {self.rank}: the rollout server could not start: {status['error']}")
         self.host, self.port, self.pid = status["host"], status["port"], status["pid"]
@@ -162,6 +185,10 @@ class VLLMServerEngine:
         """`sampling.n` completions for each of the P prompts, prompt-major (N = P*G)."""
         return self._call("generate", (prompt_ids, sampling))
 
+    def score(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """Log-probability of tokens 1..L-1 of each sequence under the server's weights (temperature 1)."""
+        return self._call("score", token_ids)
+
     def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], probe: Probe | None) -> None:
         """Rank 0 broadcasts the weights to the server, which loads and verifies them; every rank
         must call this (it iterates `named_tensors`, a collective under ZeRO-3) and every rank
@@ -175,9 +202,7 @@ class VLLMServerEngine:
         for _ in tensors:  # other ranks, or rank 0 after a failed push: a ZeRO-3 gather is collective
             pass
         if self.world > 1:  # also keeps the other ranks from generating before the new weights are in
-            box = [outcome]
-            dist.broadcast_object_list(box, src=0)
-            outcome = box[0]
+            outcome = collectives.broadcast_object(outcome, src=0)
         if outcome is not None:
             kind, msg = outcome
             where = "" if self.rank == 0 else "(rank 0's push) "
@@ -186,10 +211,13 @@ class VLLMServerEngine:
     def _push(self, named_tensors, probe) -> None:
         start = time.perf_counter()
         self._send("push_begin", probe)
-        chunk, size = [], 0
+        chunk, size, sent, hashing = [], 0, {}, 0.0
         for name, tensor in named_tensors:
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"push_weights got {type(tensor).__name__} for {name!r}, expected a tensor")
+            t = time.perf_counter()
+            sent[name] = (bits_sum(tensor), tensor.numel())  # the server checks what arrived and loaded against it
+            hashing += time.perf_counter() - t
             nbytes = tensor.numel() * tensor.element_size()
             if chunk and size + nbytes > self.chunk_bytes:
                 self._broadcast(chunk)
@@ -199,8 +227,9 @@ class VLLMServerEngine:
         if chunk:
             self._broadcast(chunk)
         self.last_broadcast_seconds = time.perf_counter() - start
-        self._call("push_end", None)  # the server loads, verifies, answers
+        answer = self._call("push_end", sent)  # the server loads, verifies, answers
         self.last_push_seconds = time.perf_counter() - start
+        self.last_checksum_seconds = hashing + answer["checksum_seconds"]  # both sides' sums
 
     def _broadcast(self, chunk: list[tuple[str, torch.Tensor]]) -> None:
         specs = [(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in chunk]
@@ -210,7 +239,7 @@ class VLLMServerEngine:
             flat = t.reshape(-1).view(torch.uint8)
             buf[off: off + flat.numel()].copy_(flat)
         self._send("chunk", specs)
-        self._guard(lambda: self.group.broadcast(buf, 0, datetime.timedelta(seconds=self.timeout)).wait())
+        self._guard(collectives.broadcast_in, self.group, buf, 0, self.timeout, f"the weight broadcast to {self.name}")
 
     def close(self) -> None:
         """Say goodbye (the server exits once every rank has) and stop a server we started."""
@@ -233,7 +262,12 @@ class VLLMServerEngine:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _start_server(self, model_path, tensor_parallel_size: int, vllm_options: dict) -> dict:
+    def _start_server(self, model_path, tensor_parallel_size: int, devices: str | None, vllm_options: dict) -> dict:
+        env = dict(os.environ)
+        if torch.cuda.is_available():
+            env["CUDA_VISIBLE_DEVICES"] = server_gpus(
+                devices, tensor_parallel_size, os.environ.get("CUDA_VISIBLE_DEVICES"),
+                int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         key = secrets.token_hex(32)
         self._folder = folder = tempfile.mkdtemp(prefix="minigrpo-rollout-")
         ready, log_path = os.path.join(folder, "ready.json"), os.path.join(folder, "server.log")
@@ -247,7 +281,7 @@ class VLLMServerEngine:
             elif v is not None:
                 cmd += [flag, str(v)]
         with open(log_path, "w") as log:  # the key goes by environment, not on the command line
-            env = {**os.environ, AUTHKEY_ENV: key}
+            env[AUTHKEY_ENV] = key
             self.child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         atexit.register(self._kill_child)
         print(f"[minigrpo] started the rollout server (pid {self.child.pid}); log: {log_path}", flush=True)

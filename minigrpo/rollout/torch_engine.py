@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 import torch
 
+from minigrpo import collectives
 from minigrpo.rollout.base import Probe, RolloutBatch, Sampling, WeightSyncError
 
 
@@ -33,11 +34,15 @@ class TorchEngine:
 
     shares_policy_weights = True
 
-    def __init__(self, model: torch.nn.Module, tokenizer):
+    def __init__(self, model: torch.nn.Module, tokenizer, lockstep: bool = False):
+        """lockstep: every rank runs the same number of forward passes per `generate` call (a rank
+        whose completions have all ended keeps decoding one ghost row until every rank's have).
+        Needed under DeepSpeed ZeRO-3, where each forward gathers the parameters collectively."""
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer has no pad token; load it with minigrpo.models.load_tokenizer")
         self.model = model
         self.tokenizer = tokenizer
+        self.lockstep = lockstep
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if tokenizer.eos_token_id is not None:
@@ -93,6 +98,7 @@ class TorchEngine:
         ids: list[list[int]] = [[] for _ in range(n)]
         lps: list[list[float]] = [[] for _ in range(n)]
         reasons = ["length"] * n
+        ended = [False] * n  # a row that ended may still run as a ghost (lockstep), unrecorded
         active = torch.arange(n, device=device)  # [A] rows of the batch still running
         for step in range(sampling.max_tokens):
             # Noise for all N rows every step, then the running ones: a completion depends on its
@@ -101,15 +107,25 @@ class TorchEngine:
             token, logprob = _sample_step(logits, temperature, sampling, noise)  # [A], [A]
             stopped = torch.isin(token, stop_ids)  # [A]
             for row, (i, t, lp) in enumerate(zip(active.tolist(), token.tolist(), logprob.tolist())):
+                if ended[i]:
+                    stopped[row] = True
+                    continue
                 ids[i].append(t)
                 lps[i].append(lp)
                 if sampling.stop and not stopped[row]:
                     tail = self.tokenizer.decode(ids[i][-window:], skip_special_tokens=True)
                     stopped[row] = any(s in tail for s in sampling.stop)
             for i in active[stopped].tolist():
-                reasons[i] = "stop"
+                reasons[i] = "stop" if not ended[i] else reasons[i]
+                ended[i] = True
             keep = ~stopped  # [A]
-            if not keep.any() or step == sampling.max_tokens - 1:
+            running = keep.any().item()
+            if self.lockstep:
+                elsewhere = collectives.all_reduce_scalars([float(running)], "max")[0] > 0
+                if elsewhere and not running:
+                    keep[0] = True  # a ghost row: this rank's forward passes stay in step with the others'
+                running = elsewhere
+            if not running or step == sampling.max_tokens - 1:
                 break
             if not keep.all():
                 cache.batch_select_indices(keep.nonzero().squeeze(1))

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 import torch
 import transformers
 
+from minigrpo.checksum import bits_sum
 from minigrpo.rollout.base import Probe, RolloutBatch, Sampling, WeightSyncError
 
 try:
@@ -100,6 +101,16 @@ class VLLMEngine:
         # and collective_rpc pickles every chunk; "0" keeps it in this process so pushes are
         # in-memory copies. Read when the LLM is built, so setting it here is enough.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if not on_gpu:
+            _record_cpu_packing()  # before the engine loads the model: its first packing is recorded too
+        # vLLM 0.32: in a job of several ranks (torchrun), the default single-process executor puts
+        # every rank's engine on device 0. "external_launcher" makes each rank's engine a worker of
+        # its own on LOCAL_RANK's device, joined to the ranks' torch.distributed world (vLLM builds
+        # its groups from it, as TRL's and verl's colocated engines do); with tensor_parallel_size 1
+        # each rank samples its own prompts. Checked here under torchrun with 2 CPU ranks (gloo).
+        launcher = {}
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            launcher = {"distributed_executor_backend": "external_launcher"}
         self.llm = vllm.LLM(
             model=str(model_path),
             dtype=dtype or ("bfloat16" if on_gpu else "float32"),
@@ -114,7 +125,9 @@ class VLLMEngine:
             tensor_parallel_size=tensor_parallel_size,
             **memory,
             **prefill,
+            **launcher,
         )
+        self.tensor_parallel_size = tensor_parallel_size
 
     # ------------------------------------------------------------------ generation
 
@@ -187,27 +200,88 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ weight push
 
-    def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], probe: Probe | None) -> None:
-        """Load these weights (Hugging Face names, any subset) in place, in chunks of about
-        `push_chunk_bytes`, then verify them with `probe`; a mismatch raises `WeightSyncError`.
+    def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], probe: Probe | None) -> dict:
+        """Load these weights (Hugging Face names) in place, in chunks of about `push_chunk_bytes`,
+        then verify them: exactly (`verify_weights`: every engine parameter against the bits of the
+        tensors sent), and with `probe` (log-probabilities within its tolerance, which catches a
+        derived copy of a weight that a parameter check cannot see). A mismatch raises
+        `WeightSyncError`. Returns {name: (bits_sum, numel)} of the tensors received (the rollout
+        server compares them with the trainer's, which checks the transport too).
 
         The tensors are passed by reference (no copy of the model is made); a chunk only groups
         references so each RPC call is bounded. After the load the prefix cache is reset, since
         its KV blocks were computed with the old weights.
         """
         start = time.perf_counter()
+        sent: dict[str, tuple[int, int]] = {}
+        hashing = 0.0
+
+        def fingerprinted(items):
+            nonlocal hashing
+            for name, tensor in items:
+                t = time.perf_counter()
+                sent[name] = (bits_sum(tensor), tensor.numel())  # as the trainer holds it, before any copy
+                hashing += time.perf_counter() - t
+                yield name, tensor
+
         self.llm.collective_rpc(_begin_reload)
         try:
-            for chunk in _chunks(named_tensors, self.push_chunk_bytes):
+            for chunk in _chunks(fingerprinted(named_tensors), self.push_chunk_bytes):
                 self.llm.collective_rpc(_load_chunk, args=(chunk,))
         finally:
             # Always finish: between begin and finish the layers sit on the meta device, and
             # finishing puts back the old weights of any layer that received nothing.
             self.llm.collective_rpc(_finish_reload)
         self.llm.reset_prefix_cache()
-        self.last_push_seconds = time.perf_counter() - start
+        self.last_load_seconds = time.perf_counter() - start
+        t = time.perf_counter()
+        self.verify_weights(sent)
+        self.last_checksum_seconds = hashing + time.perf_counter() - t  # both sides' sums
         if probe is not None:
             self.verify(probe)
+        self.last_push_seconds = time.perf_counter() - start
+        return sent
+
+    def verify_weights(self, sent: dict[str, tuple[int, int]]) -> None:
+        """Compare every weight the engine computes with, exactly, with the tensors pushed into it.
+
+        `sent`: Hugging Face name -> (`bits_sum`, numel) of the tensor the trainer pushed. Each
+        engine worker sums the bits of its parameters (and of the packed copies a CPU engine
+        computes with, see `_record_cpu_packing`). vLLM's fused parameters (qkv_proj = q, k, v;
+        gate_up_proj = gate, up) sum to the sum of their parts; vocabulary padding is zeros, which
+        add nothing. Under tensor parallelism a parameter every worker holds whole (the numel that
+        was sent) must match on every worker; the shards of a split one add up over workers to the
+        whole, with a KV head that R workers share counted R times. A parameter that got no
+        tensor, a tensor that reached no parameter, or any differing sum is a `WeightSyncError`."""
+        workers = self.llm.collective_rpc(_parameter_sums, args=(sorted(sent),))  # one per worker
+        targets = workers[0]["targets"]  # HF name -> (engine parameter, shard id); same on every worker
+        unplaced = sorted(n for n in sent if targets.get(n) is None)
+        if unplaced:
+            raise WeightSyncError(f"cannot verify the push: no vLLM parameter takes {unplaced[:5]}"
+                                  + (f" and {len(unplaced) - 5} more" if len(unplaced) > 5 else ""))
+        parts: dict[str, list[tuple[str, object]]] = {}  # engine parameter -> [(HF name, shard id)]
+        for hf_name, (name, shard) in targets.items():
+            parts.setdefault(name, []).append((hf_name, shard))
+        problems = []
+        for entry, (_, _, _, param) in sorted(workers[0]["sums"].items()):
+            if param not in parts:
+                problems.append(f"{entry} received nothing")
+                continue
+            got = [w["sums"][entry] for w in workers]  # per worker: (bits sum, numel, KV replicas, param)
+            whole = sum(sent[h][0] for h, _ in parts[param])
+            if all(numel == sum(sent[h][1] for h, _ in parts[param]) for _, numel, _, _ in got):
+                bad = [bits for bits, *_ in got if bits != whole]  # every worker holds it whole
+                if bad:
+                    problems.append(f"{entry}: engine {bad[0]} != pushed {whole}")
+                continue
+            replicas = got[0][2]
+            expected = sum(sent[h][0] * (replicas if shard in ("k", "v") else 1) for h, shard in parts[param])
+            total = sum(bits for bits, *_ in got)
+            if total != expected:
+                problems.append(f"{entry}: engine {total} != pushed {expected}")
+        if problems:
+            raise WeightSyncError(f"{len(problems)} engine weight(s) differ from the pushed ones: "
+                                  + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
 
     def verify(self, probe: Probe) -> None:
         """Score `probe.token_ids`; raise `WeightSyncError` if any logprob is off by more than atol."""
@@ -265,6 +339,79 @@ def _finish_reload(worker) -> None:
         embed = getattr(getattr(model, "model", None), "embed_tokens", None)
         if head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", 0):
             head.quant_method.process_weights_after_loading(head)
+
+
+def _parameter_sums(worker, hf_names: list[str]) -> dict:
+    """On a worker: where each pushed Hugging Face tensor lands, and the bits sum of every weight
+    the engine computes with.
+
+    Returns {"targets": {hf name: (engine parameter, shard id) or None},
+             "sums": {entry: (bits sum, numel, KV-head replicas of the layer, engine parameter)}}.
+    An entry is an engine parameter, or a packed copy that a layer made of one (see
+    `_record_cpu_packing`); the last field names the parameter whose pushed tensors it must equal."""
+    model = worker.model_runner.get_model()
+    params = dict(model.named_parameters())  # tied weights (lm_head = embed_tokens) appear once
+    # vLLM 0.32: `hf_to_vllm_mapper` is how the model's own load_weights renames checkpoint names,
+    # fused ones included (".q_proj" -> (".qkv_proj", "q")). Models that fuse inside a hand-written
+    # load_weights declare the fusion in `packed_modules_mapping` instead (used by LoRA).
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    fused_parts = {}  # "q_proj" -> ("qkv_proj", "q"), "up_proj" -> ("gate_up_proj", 1), ...
+    for fused, parts in getattr(model, "packed_modules_mapping", {}).items():
+        if isinstance(parts, list):
+            ids = ("q", "k", "v") if fused == "qkv_proj" else range(len(parts))
+            fused_parts.update({part: (fused, shard) for part, shard in zip(parts, ids)})
+    targets = {}
+    for hf in hf_names:
+        found = mapper._map_name_with_shard(hf) if mapper is not None else (hf, None)
+        if found is not None and found[0] not in params:
+            *path, module, leaf = hf.split(".")
+            if module in fused_parts:
+                fused, shard = fused_parts[module]
+                found = (".".join([*path, fused, leaf]), shard)
+        targets[hf] = found if found is not None and found[0] in params else None
+
+    modules = dict(model.named_modules())
+    name_of = {id(p): n for n, p in params.items()}
+    sums = {}
+    for name, p in params.items():
+        owner = modules.get(name.rpartition(".")[0])
+        replicas = int(getattr(owner, "num_kv_head_replicas", 1))
+        packed = getattr(owner, "_minigrpo_packed", None)
+        # CPU: a linear layer computes with a packed copy and its `weight` is left empty; what was
+        # packed is what it computes with.
+        bits, numel = packed if p.numel() == 0 and packed is not None else (bits_sum(p), p.numel())
+        sums[name] = (bits, numel, replicas, name)
+    for module_name, module in modules.items():  # packed copies of weights that are kept too
+        packed, weight = getattr(module, "_minigrpo_packed", None), getattr(module, "weight", None)
+        if packed is not None and isinstance(weight, torch.Tensor) and weight.numel() > 0 and id(weight) in name_of:
+            owner = name_of[id(weight)]  # a tied LM head packs the embedding's weight
+            sums[f"{module_name} (packed copy of {owner})"] = (*packed, 1, owner)
+    return {"targets": targets, "sums": sums}
+
+
+def _record_cpu_packing() -> None:
+    """vLLM 0.32 on CPU: after loading, each linear layer (and the LM head) hands its weight to
+    `dispatch_cpu_unquantized_gemm`, which packs it for oneDNN and, for linear layers, replaces the
+    parameter with an empty one. The weights the engine computes with then live only in an opaque
+    packed copy, which a parameter checksum cannot read. We wrap that function (it is imported
+    from its module at each call, so replacing the module attribute is enough) to record on the
+    layer the bits sum of the weight it packs, every time it packs. A stale copy, like the tied
+    head's before we re-pack it in `_finish_reload`, then shows up as an old sum. On GPUs nothing
+    is packed: the parameters are what the kernels read, and they are checked directly."""
+    from vllm.model_executor.layers import utils
+
+    original = utils.dispatch_cpu_unquantized_gemm
+    if getattr(original, "minigrpo_records_packing", False):
+        return
+
+    def dispatch(layer, remove_weight):
+        weight = layer.weight
+        if not weight.is_meta and weight.ndim == 2:
+            layer._minigrpo_packed = (bits_sum(weight), weight.numel())
+        return original(layer, remove_weight)
+
+    dispatch.minigrpo_records_packing = True
+    utils.dispatch_cpu_unquantized_gemm = dispatch
 
 
 def _chunks(named_tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:

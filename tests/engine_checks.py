@@ -1,0 +1,104 @@
+"""Checks of the DeepSpeed-wrapped policy (minigrpo.engine.PolicyEngine) that need a process of their
+own (DeepSpeed keeps a process group and global state), run by tests/test_engine.py.
+
+    python tests/engine_checks.py gradnorm MODEL_DIR STAGE DTYPE   # the logged grad norm is DeepSpeed's
+    python tests/engine_checks.py trainmode MODEL_DIR              # checkpointing recomputes, dropout is off
+
+Each prints one line `RESULT {json}`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = [[5, 6, 7], [5, 6, 7]]
+COMPLETIONS = [[8, 9, 10, 4], [11, 12]]
+WEIGHTS = torch.tensor([[1.0, -2.0, 0.5, 1.5], [0.3, 0.7, 0.0, 0.0]])  # a loss that touches every token
+
+
+def _policy(model_dir: str, stage: str = "0", dtype: str = "float32", **overrides):
+    from minigrpo import Config
+    from minigrpo.engine import PolicyEngine, init_distributed
+    from minigrpo.models import load_causal_lm
+
+    info = init_distributed()
+    cfg = Config(model=model_dir, prompts_per_step=1, num_generations=2, gradient_accumulation_steps=2, max_steps=1,
+                 dtype=dtype, deepspeed=None if stage == "0" else str(ROOT / "recipes" / f"deepspeed_zero{stage}.json"),
+                 learning_rate=1e-3, warmup_ratio=0.0, lr_scheduler_type="constant", **overrides)
+    model = load_causal_lm(model_dir, dtype)
+    return model, lambda m: PolicyEngine(m, cfg, cfg.layout(info.world_size))
+
+
+def gradnorm(model_dir: str, stage: str, dtype: str) -> dict:
+    """Two micro-batches, one optimizer step: the norm PolicyEngine.step returns, DeepSpeed's own
+    global norm of the step, and the norm of the module's gradients at the boundary."""
+    from minigrpo.scoring import completion_logprobs
+
+    model, wrap = _policy(model_dir, stage, dtype)
+    policy = wrap(model)
+    for k in range(2):
+        lp = completion_logprobs(policy.module, PROMPTS[k:k + 1], COMPLETIONS[k:k + 1], 0.9, gathered=policy.gathered)
+        policy.backward((lp * WEIGHTS[k:k + 1, : lp.shape[1]].to(lp.device)).sum())
+        if k == 1:
+            grads = [p.grad.float() for p in policy.module.parameters() if p.grad is not None]
+            module_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
+        logged = policy.step()
+    ds = policy.engine.get_global_grad_norm()
+    return {"logged": logged, "deepspeed": None if ds is None else float(ds), "module_at_boundary": module_norm,
+            "optimizer": type(policy.engine.optimizer).__name__}
+
+
+def trainmode(model_dir: str) -> dict:
+    """A model whose attention has dropout 0.5, wrapped with gradient checkpointing on: the policy
+    is in train mode, checkpointed layers run again in backward, and the log-probs are the same
+    in every pass (dropout off) and equal to an eval-mode copy's."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from minigrpo.models import load_causal_lm
+    from minigrpo.scoring import completion_logprobs
+
+    model, wrap = _policy(model_dir, gradient_checkpointing=True)
+    reference = load_causal_lm(model_dir).eval()
+    for m in (model, reference):
+        for module in m.modules():
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = 0.5
+
+    control = load_causal_lm(model_dir).train()  # the same dropout, not disabled: passes differ
+    for module in control.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5
+    with torch.no_grad():
+        noisy = [completion_logprobs(control, PROMPTS, COMPLETIONS) for _ in range(2)]
+
+    policy = wrap(model)
+    reference.to(next(policy.module.parameters()).device)  # DeepSpeed put the policy on the GPU, if any
+    layer0 = next(m for m in policy.module.modules() if isinstance(m, GradientCheckpointingLayer))
+    calls = []
+    layer0.register_forward_pre_hook(lambda *_: calls.append(1))
+    lp = completion_logprobs(policy.module, PROMPTS, COMPLETIONS, gathered=policy.gathered)
+    forward_calls = len(calls)
+    policy.backward((lp * WEIGHTS.to(lp.device)).sum())
+    backward_calls = len(calls) - forward_calls
+    with torch.no_grad():
+        again = completion_logprobs(policy.module, PROMPTS, COMPLETIONS, gathered=policy.gathered)
+        plain = completion_logprobs(reference, PROMPTS, COMPLETIONS)
+    return {
+        "training": policy.module.training,
+        "layer0_calls_forward": forward_calls,
+        "layer0_calls_backward": backward_calls,
+        "control_passes_differ": (noisy[0] - noisy[1]).abs().max().item() > 0,
+        "max_diff_between_passes": (lp.detach() - again).abs().max().item(),
+        "max_diff_to_eval_copy": (again - plain).abs().max().item(),
+    }
+
+
+if __name__ == "__main__":
+    mode, *args = sys.argv[1:]
+    result = {"gradnorm": gradnorm, "trainmode": trainmode}[mode](*args)
+    print("RESULT", json.dumps(result), flush=True)

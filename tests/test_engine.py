@@ -1,0 +1,46 @@
+"""The DeepSpeed-wrapped policy (minigrpo/engine.py), each check in a fresh process
+(tests/engine_checks.py): train mode with gradient checkpointing and no dropout, and the grad norm
+that is logged being DeepSpeed's global norm of the step in every precision and ZeRO stage."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiny_task import build_tiny_model
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def check(*args) -> dict:
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT / "tests")}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "engine_checks.py"), *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))[7:])
+
+
+def test_policy_trains_in_train_mode_with_checkpointing_and_without_dropout(tiny_model):
+    r = check("trainmode", tiny_model)
+    assert r["training"] is True
+    # layer 0 runs for the shared prompt and for the completions; checkpointing runs the
+    # completions' pass again in backward (the prompt pass is kept, see scoring.py)
+    assert r["layer0_calls_forward"] == 2 and r["layer0_calls_backward"] == 1, r
+    assert r["control_passes_differ"]  # attention dropout 0.5 in train mode is visible...
+    assert r["max_diff_between_passes"] == 0.0  # ...and the policy's passes are identical
+    assert r["max_diff_to_eval_copy"] == 0.0  # and equal to an eval-mode model's
+
+
+@pytest.mark.parametrize("stage, dtype", [("0", "float32"), ("0", "bfloat16"), ("2", "bfloat16"), ("3", "float32")])
+def test_logged_grad_norm_is_deepspeeds_global_norm(tiny_model, stage, dtype):
+    r = check("gradnorm", tiny_model, stage, dtype)
+    fp32 = 41.9756  # the fp32 ZeRO-0 norm of this step (both micro-batches), measured
+    assert r["logged"] == pytest.approx(fp32, rel=2e-3), r  # bf16 rounding moves it by ~5e-4
+    if r["deepspeed"] is not None:  # DeepSpeed records it wherever it wraps the optimizer
+        assert r["logged"] == r["deepspeed"], r
+    else:  # fp32 ZeRO-0: DeepSpeed steps AdamW itself and keeps no norm; ours is the module's
+        assert r["optimizer"] == "GuardedAdamW" and r["logged"] == r["module_at_boundary"], r
