@@ -1,6 +1,6 @@
 # The README's two commands. Both create .venv and install minigrpo on first use (scripts/setup.sh
 # is a no-op after that). On a GPU machine prefix them with MINIGRPO_TARGET=gpu.
-.PHONY: countdown test setup
+.PHONY: countdown test setup test-gpu gpu-wheels
 
 setup:
 	bash scripts/setup.sh
@@ -12,3 +12,12 @@ countdown: setup
 # Every test, the slow ones (real model, vLLM engine, DeepSpeed) included.
 test: setup
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# On a GPU machine (a stock PyTorch image is enough): the tests marked `gpu`, then a table. Uses the
+# machine's own python3 and torch, not .venv; DeepSpeed from wheels/gpu/ if missing (make gpu-wheels).
+test-gpu:
+	bash scripts/test_gpu.sh $(PYTEST_ARGS)
+
+# On a machine with the package registry: wheels/gpu/ for test-gpu (DeepSpeed and its small deps).
+gpu-wheels:
+	bash scripts/gpu_wheels.sh

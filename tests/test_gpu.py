@@ -1,0 +1,172 @@
+"""What only an NVIDIA GPU can show: `make test-gpu` (README: "Running on GPUs"). Skipped without CUDA,
+so CI (CPU only) collects and skips them; each skip says why.
+
+One GPU, no model hub, no vLLM needed (tiny random models are built here): an NCCL group of one rank
+with minigrpo's collectives, a full GRPO step in bf16 with gradient checkpointing under DeepSpeed
+ZeRO-0, -2 and -3 (rollout=torch) with checkpoint and resume, the grad norm and train mode checks
+of tests/test_engine.py on the GPU, exact weight fingerprints of CUDA tensors, and the chunked
+log-prob memory at Qwen2.5's vocabulary. With vLLM importable: the colocated vLLM step in bf16.
+With 2+ GPUs: two ranks with one colocated vLLM engine each, and the rollout server on its own GPU.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_task import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = str(ROOT / "tests" / "tiny_task.py")
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPUS == 0, reason="needs an NVIDIA GPU with CUDA")]
+needs_vllm = pytest.mark.skipif(GPUS == 0 or importlib.util.find_spec("vllm") is None,
+                                reason="needs vLLM (pip install vllm), absent from the GPU check's machine")
+needs_two = pytest.mark.skipif(GPUS < 2, reason=f"needs 2 GPUs, this machine has {GPUS}")
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **extra}
+
+
+def train(model, out, *args, ranks: int = 1) -> list[dict]:
+    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                     "--nproc_per_node", str(ranks), "--master_port", free_port()]
+    proc = subprocess.run([*launcher, SCRIPT, str(model), str(out), *args], capture_output=True, text=True,
+                          env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def check(*args) -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "engine_checks.py"), *map(str, args)],
+                          capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))[7:])
+
+
+def test_nccl_group_of_one_rank_takes_cpu_tensors_through_collectives(tmp_path):
+    code = textwrap.dedent("""
+        import json, torch
+        from minigrpo import collectives
+        from minigrpo.engine import init_distributed
+        info = init_distributed()
+        import torch.distributed as dist
+        out = {"backend": dist.get_backend(), "device": torch.cuda.current_device()}
+        t = torch.tensor([1.5, -2.0], dtype=torch.float64)  # CPU: NCCL alone would refuse it
+        r = collectives.all_reduce(t, "max")
+        out.update(value=r.tolist(), on=str(r.device), scalars=collectives.all_reduce_scalars([3.0]),
+                   obj=collectives.broadcast_object({"k": 1}))
+        collectives.barrier()
+        print("RESULT", json.dumps(out))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port()))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))[7:])
+    assert r == {"backend": "nccl", "device": 0, "value": [1.5, -2.0], "on": "cpu", "scalars": [3.0], "obj": {"k": 1}}
+
+
+@pytest.mark.parametrize("stage", ["0", "2", "3"])
+def test_bf16_grpo_step_with_checkpointing_saves_and_resumes(tiny_model, tmp_path, stage):
+    ds = () if stage == "0" else (f"deepspeed={ROOT / 'recipes' / f'deepspeed_zero{stage}.json'}",)
+    common = ("rollout=torch", "dtype=bfloat16", "gradient_checkpointing=true", "beta=0.04", "max_steps=2",
+              "save_steps=1", "save_total_limit=2", *ds)
+    out = tmp_path / "run"
+    rows = train(tiny_model, out, *common)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(0 < r["grad_norm"] < 1e3 for r in rows) and all(r["nonfinite_skipped_steps"] == 0 for r in rows)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000002")
+    again = train(tiny_model, resumed, *common, "--resume")
+    for key in ("reward/total/mean", "kl", "grad_norm", "param_checksum"):
+        assert again[1][key] == pytest.approx(rows[1][key], rel=1e-6, abs=1e-9), key
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step-000002" / "model", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("stage, dtype", [("0", "bfloat16"), ("2", "bfloat16"), ("3", "bfloat16")])
+def test_logged_grad_norm_is_deepspeeds_on_the_gpu(tiny_model, stage, dtype):
+    r = check("gradnorm", tiny_model, stage, dtype)
+    assert r["logged"] == pytest.approx(41.9756, rel=5e-3), r
+    assert r["deepspeed"] is None or r["logged"] == r["deepspeed"], r
+
+
+def test_train_mode_checkpointing_and_no_dropout_on_the_gpu(tiny_model):
+    r = check("trainmode", tiny_model)
+    assert r["training"] and r["layer0_calls_backward"] == 1 and r["max_diff_between_passes"] == 0.0, r
+
+
+def test_weight_fingerprints_of_cuda_tensors_equal_the_cpu_ones():
+    from minigrpo.checksum import bits_sum
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        t = torch.randn(1000, 333, generator=g).to(dtype)
+        assert bits_sum(t.cuda()) == bits_sum(t), dtype
+        assert bits_sum(t.cuda().t()) == bits_sum(t)  # non-contiguous: same elements, same sum
+        bumped = t.cuda().clone()
+        bumped.view(-1)[5] = torch.nextafter(bumped.view(-1)[5], torch.tensor(float("inf"), dtype=dtype, device="cuda"))
+        assert bits_sum(bumped) != bits_sum(t), dtype  # one ulp
+
+
+def test_chunked_logprobs_memory_at_qwen_vocabulary_on_the_gpu():
+    """Training case at Qwen2.5's vocabulary (151,936): hidden [4096, 896] through the head, forward +
+    backward, bf16. The naive path keeps [4096, V] logits and their softmax; the chunked one never
+    holds more than a chunk."""
+    from minigrpo.scoring import head_logprobs
+
+    torch.manual_seed(0)
+    v, h, m = 151_936, 896, 4096
+    head = torch.nn.Linear(h, v, bias=False, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.randint(0, v, (m,), device="cuda")
+
+    def peak(fn):
+        head.weight.grad = x.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        out.sum().backward()
+        torch.cuda.synchronize()
+        return out.detach().float(), torch.cuda.max_memory_allocated() - base
+
+    naive, naive_peak = peak(lambda: torch.log_softmax(head(x).float(), -1).gather(1, ids[:, None]).squeeze(1))
+    chunked, chunked_peak = peak(lambda: head_logprobs(head, x, ids))
+    logits_bytes = m * v * 4
+    print(f"peak extra memory: naive {naive_peak / 2**30:.2f} GiB, chunked {chunked_peak / 2**30:.2f} GiB "
+          f"({naive_peak / chunked_peak:.1f}x less); fp32 logits {logits_bytes / 2**30:.2f} GiB")
+    assert (naive - chunked).abs().max().item() < 0.05  # bf16 matmuls in both
+    assert chunked_peak < naive_peak / 2.5
+
+
+@needs_vllm
+def test_colocated_vllm_step_in_bf16(tiny_model, tmp_path):
+    rows = train(tiny_model, tmp_path / "run", "rollout=vllm", "dtype=bfloat16", "max_steps=2", "beta=0.04")
+    assert all(r["logprob_gap"] < 0.05 and r["time/push_checksum"] > 0 for r in rows)
+
+
+@needs_vllm
+@needs_two
+def test_two_ranks_each_with_a_colocated_vllm_on_its_own_gpu(tiny_model, tmp_path):
+    rows = train(tiny_model, tmp_path / "run", "rollout=vllm", "dtype=bfloat16", "max_steps=2", "beta=0.04", ranks=2)
+    assert all(r["batch/completions"] == 32 for r in rows)
+
+
+@needs_vllm
+@needs_two
+def test_rollout_server_on_its_own_gpu(tiny_model, tmp_path):
+    # rank 0 on GPU 0, the server it starts on GPU 1: the NCCL weight channel joins two devices
+    rows = train(tiny_model, tmp_path / "run", "rollout=vllm_server", "vllm_server_devices=1", "dtype=bfloat16",
+                 "max_steps=2", "beta=0.04")
+    assert all(r["logprob_gap"] < 0.05 for r in rows)
