@@ -77,13 +77,13 @@ def bench_prompts(settings: dict, tokenizer):
     """The train split as TRL wants it: a rendered `prompt` string column (plus `target`, `nums`),
     with the rows reordered so that row k is the prompt minigrpo trains on at position k of its
     own schedule (step s takes rows (s-1)*P .. s*P-1)."""
-    from minigrpo.batching import step_prompt_indices
+    from minigrpo.batching import prompt_indices
     from minigrpo.data import R1_COUNTDOWN, load_countdown, render_prompt
 
     train = load_countdown("generate", num_samples=200, seed=settings["seed"])["train"]
     P = settings["prompts_per_step"]
     n_steps = max(settings["steps"], len(train) // P)  # at least one epoch of minigrpo's order
-    order = [i for s in range(1, n_steps + 1) for i in step_prompt_indices(s, len(train), P, settings["seed"], 0, 1)]
+    order = [i for s in range(1, n_steps + 1) for i in prompt_indices((s - 1) * P, len(train), P, settings["seed"], 0, 1)]
     train = train.select(order)
     return train.map(lambda row: {"prompt": render_prompt(tokenizer, row, R1_COUNTDOWN)})
 

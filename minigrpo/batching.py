@@ -1,9 +1,11 @@
 """Which prompts a rank trains on at each step, and the prompts rendered once up front.
 
-The order is a pure function of (seed, step): epoch e visits the dataset in the permutation
-seeded by seed + e, and step k (1-based) takes global positions [(k-1)*P, k*P) of the
-concatenated epochs, rank r the r-th contiguous slice of them. Nothing about the data position
-needs saving beyond the step number, and a resumed run sees exactly the prompts it would have.
+The order is a pure function of (seed, data position): epoch e visits the dataset in the
+permutation seeded by seed + e, and a generation round that starts at global position `pos`
+takes positions [pos, pos + P) of the concatenated epochs (P = prompts_per_step), rank r the
+r-th contiguous slice of them. Without dynamic sampling step k's round starts at (k-1)*P; with
+it a step may draw several rounds, so the position is saved in every checkpoint and a resumed
+run continues from it, seeing exactly the prompts it would have.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def step_prompt_indices(step: int, num_rows: int, prompts_per_step: int, seed: int, rank: int, world: int) -> list[int]:
-    """Dataset row indices of this rank's prompts at `step` (1-based)."""
+def prompt_indices(position: int, num_rows: int, prompts_per_step: int, seed: int, rank: int, world: int) -> list[int]:
+    """Dataset row indices of this rank's prompts in the round starting at global `position`."""
     if num_rows < 1:
         raise ValueError("the training dataset is empty")
     per_rank = prompts_per_step // world
-    start = (step - 1) * prompts_per_step + rank * per_rank
+    start = position + rank * per_rank
     out = []
     for pos in range(start, start + per_rank):
         epoch, i = divmod(pos, num_rows)
@@ -27,6 +29,22 @@ def step_prompt_indices(step: int, num_rows: int, prompts_per_step: int, seed: i
     return out
 
 
+def rollout_seed(seed: int, step: int, rank: int, world: int, completions: int, round_: int = 0) -> int:
+    """The sampling seed of a rank's generation call at `step` (1-based) and generation round.
+
+    Engines give completion i of a call the seed `seed + i` (vLLM: request j, child c ->
+    seed + j * G + c), so each call owns the block [seed, seed + completions): blocks of different
+    (step, round, rank) never overlap (the old `step * 1009 + rank` gave ranks r and r + 1 all but
+    one seed in common). The run's seed picks a disjoint region of 2**62 / 2**20 seeds.
+    """
+    slot = ((step * _MAX_ROUNDS + round_) * world + rank) * completions  # start of this call's block
+    if round_ >= _MAX_ROUNDS or slot >= 2**42:
+        raise ValueError(f"rollout seeds: step {step} x round {round_} x {world} ranks x {completions} completions "
+                         "exceeds the seed space")
+    return (seed % 2**20) * 2**42 + slot
+
+
+_MAX_ROUNDS = 64  # generation rounds per step a seed block is reserved for
 _PERM_CACHE: dict[tuple[int, int], np.ndarray] = {}
 
 

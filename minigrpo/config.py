@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -83,8 +84,27 @@ class Config:
     epsilon: float = 0.2
     epsilon_high: float | None = None
     loss_type: str = "grpo"  # grpo | bnpo | dr_grpo
-    scale_rewards: str = "group"  # group | batch | none
+    scale_rewards: str = "group"  # group | batch | none (batch: the std of the whole step, over ranks)
     advantage_eps: float = 1e-4
+    # token: PPO/GRPO's per-token ratio, clipped by epsilon/epsilon_high. sequence: GSPO's one
+    # ratio per sequence (geometric mean of its token ratios), clipped by sequence_epsilon(_high)
+    # (the GSPO paper's 3e-4 / 4e-4); loss_type grpo only. Differs from token only off-policy
+    # (num_iterations > 1, or a rollout correction).
+    importance_sampling_level: str = "token"
+    sequence_epsilon: float = 3e-4
+    sequence_epsilon_high: float = 4e-4
+    # Correction of the engine's sampling mismatch (pi_old / pi_engine per token, rho):
+    # token_truncate weights each token's policy-gradient term by min(rho, cap); sequence_mask
+    # drops a sequence whose product of rho leaves [1/cap, cap]. none: off (fp32 on CPU the
+    # engine and trainer agree to ~1e-6; bf16 kernels on GPUs differ by ~1e-2).
+    rollout_correction: str = "none"
+    rollout_correction_cap: float = 2.0
+    entropy_coef: float = 0.0  # bonus on the policy's token entropy (subtracted from the loss)
+    # DAPO's dynamic sampling: drop groups whose rewards are all equal (zero advantage) and draw
+    # more rounds of prompts_per_step prompts until every rank has its share of groups with a
+    # spread, at most dynamic_sampling_max_rounds rounds per step (then train on what there is).
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 4
 
     # -- optimizer and schedule (the DeepSpeed engine runs them)
     learning_rate: float = 1e-6
@@ -182,6 +202,22 @@ class Config:
         need(self.epsilon_high is None or self.epsilon_high > 0, "epsilon_high", "must be > 0 (or null)")
         need(self.loss_type in ("grpo", "bnpo", "dr_grpo"), "loss_type", "must be grpo, bnpo or dr_grpo")
         need(self.scale_rewards in ("group", "batch", "none"), "scale_rewards", "must be group, batch or none")
+        need(self.importance_sampling_level in ("token", "sequence"), "importance_sampling_level",
+             "must be token or sequence")
+        need(self.importance_sampling_level == "token" or self.loss_type == "grpo", "importance_sampling_level",
+             f"sequence (GSPO) needs loss_type grpo, got {self.loss_type}: bnpo and dr_grpo would weight a "
+             "sequence's one ratio by its length, which GSPO's objective does not")
+        need(0 < self.sequence_epsilon < 1, "sequence_epsilon", "must be in (0, 1)")
+        need(self.sequence_epsilon_high > 0, "sequence_epsilon_high", "must be > 0")
+        need(self.rollout_correction in ("none", "token_truncate", "sequence_mask"), "rollout_correction",
+             "must be none, token_truncate or sequence_mask")
+        need(self.rollout_correction_cap > 1, "rollout_correction_cap", "must be > 1")
+        need(self.rollout_correction == "none" or (self.top_p == 1.0 and self.top_k == 0), "rollout_correction",
+             f"needs top_p 1 and top_k 0 (got {self.top_p}, {self.top_k}): with them the engine samples from a "
+             "truncated, renormalized distribution that cannot reach the tokens the trainer's policy gives "
+             "probability outside it, so no importance weight corrects toward the trainer's policy")
+        need(math.isfinite(self.entropy_coef), "entropy_coef", "must be a finite number")
+        need(1 <= self.dynamic_sampling_max_rounds <= 64, "dynamic_sampling_max_rounds", "must be in 1..64")
         need(self.learning_rate > 0, "learning_rate", "must be > 0")
         need(self.lr_scheduler_type in ("cosine", "constant"), "lr_scheduler_type", "must be cosine or constant")
         need(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")

@@ -18,6 +18,7 @@ import torch
 from minigrpo import collectives
 from minigrpo.config import Config, ConfigError, Layout, load_deepspeed_config
 from minigrpo.models import disable_dropout
+from minigrpo.scoring import completion_logprobs
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,13 @@ def deepspeed_config(cfg: Config, layout: Layout) -> dict:
     return ds
 
 
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    return math.ceil(total_steps * warmup_ratio)
+
+
 def lr_lambda(total_steps: int, warmup_ratio: float, kind: str):
     """Multiplier of the peak LR at optimizer step s: linear warmup, then cosine to 0 or constant."""
-    warmup = math.ceil(total_steps * warmup_ratio)
+    warmup = warmup_steps(total_steps, warmup_ratio)
 
     def f(step: int) -> float:
         if step < warmup:
@@ -140,6 +145,7 @@ class PolicyEngine:
         import deepspeed
 
         self.cfg = cfg
+        self.world_size = layout.world_size
         # Train mode, or transformers' gradient checkpointing does nothing (it checks `training`),
         # and no dropout, so every log-probability pass of the same weights gives the same numbers
         # (the loss compares them with the reference's and the engine's).
@@ -179,10 +185,13 @@ class PolicyEngine:
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def backward(self, loss: torch.Tensor) -> None:
-        # DeepSpeed divides the loss by gradient_accumulation_steps here, so each micro-batch
-        # passes its own mean loss and the step gets the mean over micro-batches.
+        """`loss`: this micro-batch's share of the step's loss, which is the sum of the shares of
+        every micro-batch on every rank (`minigrpo.algo.normalize`). DeepSpeed divides each
+        micro-batch's loss by gradient_accumulation_steps and averages gradients over the
+        data-parallel ranks (at every ZeRO stage); multiplying by both here makes the step's
+        gradient that of the sum."""
         self._new_backward()
-        self.engine.backward(loss)
+        self.engine.backward(loss * (self.cfg.gradient_accumulation_steps * self.world_size))
 
     def _new_backward(self) -> None:
         """DeepSpeed 0.19.8 clears its ZeRO optimizer's "backward seen" flag at the start of
@@ -212,6 +221,28 @@ class PolicyEngine:
         params = [p for p in self.module.parameters() if p.requires_grad]
         self._new_backward()
         self.engine.backward(torch.stack([p.sum() for p in params]).sum() * 0.0)
+
+    def ghost_forward(self) -> None:
+        """The no-grad scoring pass of a micro-batch without sequences (dynamic sampling left this
+        rank fewer): nothing below ZeRO-3; at ZeRO-3, whose forwards gather parameters collectively,
+        the same scoring path over a 3-token dummy, so every rank runs the same collectives."""
+        if self.zero_stage == 3:
+            with torch.no_grad():
+                self._dummy_logprobs()
+
+    def backward_ghost(self) -> None:
+        """The backward of a micro-batch without sequences: an exact zero gradient, which keeps
+        DeepSpeed's accumulation count and its per-micro-batch collectives. Below ZeRO-3 that is
+        `backward_zero`; at ZeRO-3 a zero-weighted loss of the scoring path over a 3-token dummy
+        (prompt pass, completion pass, LM head: the passes a real micro-batch runs)."""
+        if self.zero_stage < 3:
+            self.backward_zero()
+            return
+        self._new_backward()
+        self.engine.backward(self._dummy_logprobs().sum() * 0.0)
+
+    def _dummy_logprobs(self) -> torch.Tensor:
+        return completion_logprobs(self.module, [[0]], [[0, 0]], gathered=self.gathered)  # [1, 2]
 
     def step(self) -> float | None:
         """Call after every micro-batch; at the accumulation boundary it clips, steps the

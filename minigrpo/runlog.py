@@ -15,6 +15,8 @@ CURVES = (  # (title, metric keys drawn on it)
     ("success and format rate", ("success_rate", "reward/format_reward/mean", "eval/success_rate", "eval/format_rate")),
     ("completion length (tokens)", ("completion/length_mean",)),
     ("KL to reference", ("kl",)),
+    ("policy entropy (nats per completion token)", ("entropy",)),  # a collapse shows here first
+    ("groups with no reward spread (teach nothing)", ("zero_spread_groups",)),
     ("self-verification phrase rate", ("completion/self_verification_rate",)),
     ("grad norm", ("grad_norm",)),
 )
@@ -83,7 +85,7 @@ def draw_curves(history: list[dict], path: Path) -> None:
     matplotlib.use("Agg")  # files only; no display on training machines
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
     for ax, (title, keys) in zip(axes.flat, CURVES):
         for key in keys:
             pts = [(r["step"], r[key]) for r in history if isinstance(r.get(key), (int, float))]

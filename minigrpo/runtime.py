@@ -3,6 +3,7 @@ signal handling, phase timers and seeding. Nothing here knows about GRPO."""
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 import time
@@ -29,6 +30,18 @@ def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
     nan = float("nan")
     return {k: (nan if counts[i] == 0 else maxes[i].item() if k.endswith("_max") else (sums[i] / counts[i]).item())
             for i, k in enumerate(keys)}
+
+
+def combine_micro_metrics(stats: list[dict[str, float]], keys) -> dict[str, float]:
+    """One rank's step metrics `keys` from its micro-batches' loss metrics: the max of *_max keys,
+    the mean of the others, each over the micro-batches that report it (a skipped micro-batch
+    reports no entropy and no rollout correction); NaN where none does. Every rank returns the same
+    keys (`reduce_metrics` reduces them by position)."""
+    out = {}
+    for k in keys:
+        vals = [m[k] for m in stats if k in m and not math.isnan(m[k])]
+        out[k] = (max(vals) if k.endswith("_max") else sum(vals) / len(vals)) if vals else float("nan")
+    return out
 
 
 def sum_over_ranks(x: float) -> float:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from minigrpo.algo import token_logprobs
+from minigrpo.algo import token_entropy, token_logprobs
 
 CHUNK_LOGITS_BYTES = 256 * 2**20
 
@@ -33,7 +33,8 @@ def completion_logprobs(
     pad_id: int = 0,
     share_prompts: bool = True,
     gathered: Callable | None = None,
-) -> torch.Tensor:
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(completion token t | prompt, completion[:t]) for every completion.
 
     Args:
@@ -52,10 +53,13 @@ def completion_logprobs(
             `_hidden_shared_prompts`); off for caches other than transformers' plain DynamicLayer.
         gathered: makes parameters whole for the LM head (see `head_logprobs`); DeepSpeed ZeRO-3
             policies pass `PolicyEngine.gathered`; None for parameters that are whole already.
+        with_entropy: also return the entropy of softmax(logits / temperature) at each completion
+            position, from the same chunks of logits (never a [B, T, V] tensor).
 
     Returns:
         [B, T] float32 (float64 for a float64 model); zeros where the completion has ended.
-        Differentiable when grad is enabled.
+        With `with_entropy`, a pair (log-probs, entropy), both [B, T]. Differentiable when grad is
+        enabled.
     """
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
@@ -76,14 +80,19 @@ def completion_logprobs(
     h = hidden[rows_t, torch.tensor(src_cols, dtype=torch.long, device=device)]  # [M, H]
     ids = torch.tensor([completion_ids[r][c] for r, c in zip(rows, cols)], dtype=torch.long, device=device)  # [M]
     out = torch.zeros((b, t), dtype=torch.promote_types(hidden.dtype, torch.float32), device=device)  # [B, T]
+    ent = torch.zeros_like(out)  # [B, T]
     if len(ids):
         if chunk_tokens is None:  # the config's vocabulary: a ZeRO-3 partitioned head weight has shape (0,)
             chunk_tokens = max(1, CHUNK_LOGITS_BYTES // (4 * model.config.get_text_config().vocab_size))
-        lp = head_logprobs(model.get_output_embeddings(), h, ids, temperature, chunk_tokens, gathered)  # [M]
-        out = out.index_put((rows_t, torch.tensor(cols, dtype=torch.long, device=device)), lp)
+        lp, e = head_logprobs(model.get_output_embeddings(), h, ids, temperature, chunk_tokens, gathered,
+                              with_entropy=True) if with_entropy else (
+            head_logprobs(model.get_output_embeddings(), h, ids, temperature, chunk_tokens, gathered), None)  # [M]
+        where = (rows_t, torch.tensor(cols, dtype=torch.long, device=device))
+        out = out.index_put(where, lp)
+        ent = ent.index_put(where, e) if with_entropy else ent
     elif torch.is_grad_enabled():
         out = out + 0.0 * hidden.sum()  # every completion empty: keep a graph so backward is a no-op
-    return out
+    return (out, ent) if with_entropy else out
 
 
 def head_logprobs(
@@ -93,8 +102,10 @@ def head_logprobs(
     temperature: float = 1.0,
     chunk_tokens: int | None = None,
     gathered: Callable | None = None,
-) -> torch.Tensor:
-    """log softmax(head(h) / temperature)[ids] for M hidden states h [M, H] and tokens ids [M].
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(head(h) / temperature)[ids] for M hidden states h [M, H] and tokens ids [M]
+    (and, `with_entropy`, the entropy [M] of each row's softmax(head(h) / temperature)).
 
     `head`: the model's output Linear (weight [V, H], optional bias [V]). A chunk of rows at a
     time, in forward and in backward (which recomputes each chunk's logits), so at most one chunk
@@ -109,33 +120,45 @@ def head_logprobs(
     gathered = gathered or (lambda params: nullcontext())
     params = [p for p in (head.weight, head.bias) if p is not None]
     with gathered(params):
-        return _ChunkedHead.apply(h, ids, temperature, chunk_tokens, gathered, head.weight, head.bias)  # [M]
+        lp, ent = _ChunkedHead.apply(h, ids, temperature, chunk_tokens, gathered, with_entropy, head.weight, head.bias)
+    return (lp, ent) if with_entropy else lp  # [M]
 
 
 class _ChunkedHead(torch.autograd.Function):
     """The LM head and log-softmax of `head_logprobs`, chunked in both passes.
 
-    Backward, per chunk: with p = softmax(logits / T) and g the incoming gradient of each row's
-    log-prob, d(logits) = g (onehot(id) - p) / T, so dh = d(logits) W and dW = d(logits)^T h,
-    db = sum of d(logits); dW is accumulated in float32 (float64 for a float64 model)."""
+    Outputs: log-probs [M] and entropies [M] (zeros, not differentiable, without `with_entropy`).
+    Backward, per chunk: with z = logits / T, p = softmax(z), g the incoming gradient of each
+    row's log-prob and e that of its entropy H = logsumexp(z) - sum(p z):
+    d(logits) = (g (onehot(id) - p) - e p (z - sum(p z))) / T, so dh = d(logits) W,
+    dW = d(logits)^T h, db = sum of d(logits); dW is accumulated in float32 (float64 for a float64
+    model)."""
 
     @staticmethod
-    def forward(ctx, h, ids, temperature, chunk, gathered, weight, bias):
-        out = []
+    def forward(ctx, h, ids, temperature, chunk, gathered, with_entropy, weight, bias):
+        out, ent = [], []
         for s in range(0, len(ids), chunk):
             logits = F.linear(h[s : s + chunk], weight, bias)  # [m, V]
             out.append(token_logprobs(logits.unsqueeze(0), ids[s : s + chunk].unsqueeze(0), temperature).squeeze(0))
+            if with_entropy:
+                ent.append(token_entropy(logits, temperature))  # [m]
         ctx.save_for_backward(h, ids)
         # The parameters themselves, not their values: under ZeRO-3 they are partitioned again by
         # the time backward runs, which gathers them anew.
         ctx.weight, ctx.bias, ctx.temperature, ctx.chunk, ctx.gathered = weight, bias, temperature, chunk, gathered
-        return torch.cat(out) if out else h.new_zeros(0, dtype=torch.promote_types(h.dtype, torch.float32))
+        ctx.with_entropy = with_entropy
+        lp = torch.cat(out) if out else h.new_zeros(0, dtype=torch.promote_types(h.dtype, torch.float32))  # [M]
+        if not with_entropy:
+            ent = torch.zeros_like(lp)  # [M]
+            ctx.mark_non_differentiable(ent)
+            return lp, ent
+        return lp, torch.cat(ent) if ent else torch.zeros_like(lp)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_ent):
         h, ids = ctx.saved_tensors
         weight, bias, tau, chunk = ctx.weight, ctx.bias, ctx.temperature, ctx.chunk
-        want_h, want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[5], ctx.needs_input_grad[6]
+        want_h, want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[6], ctx.needs_input_grad[7]
         acc = torch.promote_types(weight.dtype, torch.float32)
         with ctx.gathered([p for p in (weight, bias) if p is not None]):
             grad_h = torch.empty_like(h) if want_h else None  # [M, H]
@@ -144,16 +167,23 @@ class _ChunkedHead(torch.autograd.Function):
             for s in range(0, len(ids), chunk):
                 hc = h[s : s + chunk]  # [m, H]
                 logits = F.linear(hc, weight, bias).to(acc) / tau  # [m, V]
-                d = torch.softmax(logits, dim=-1).neg_()  # [m, V]: -p
+                p = torch.softmax(logits, dim=-1)  # [m, V]
+                d = p.neg()  # [m, V]: -p
                 d[torch.arange(len(hc), device=d.device), ids[s : s + chunk]] += 1.0  # onehot - p
-                d *= (grad_out[s : s + chunk].to(acc) / tau).unsqueeze(1)
+                d *= grad_out[s : s + chunk].to(acc).unsqueeze(1)
+                if ctx.with_entropy and grad_ent is not None:
+                    # dH/dz = -p (z - E_p[z]); logits here are already z = logits / T
+                    mean_z = (p * logits).sum(dim=-1, keepdim=True)  # [m, 1]
+                    d -= grad_ent[s : s + chunk].to(acc).unsqueeze(1) * p * (logits - mean_z)
+                del p
+                d /= tau
                 if want_h:
                     grad_h[s : s + chunk] = (d.to(weight.dtype) @ weight).to(h.dtype)
                 if want_w:
                     grad_w += d.t() @ hc.to(acc)
                 if want_b:
                     grad_b += d.sum(0)
-        return (grad_h, None, None, None, None,
+        return (grad_h, None, None, None, None, None,
                 grad_w.to(weight.dtype) if want_w else None, grad_b.to(bias.dtype) if want_b else None)
 
 

@@ -7,9 +7,10 @@ Each step: prompts -> rollout -> rewards -> advantages -> reference (and old) lo
 DeepSpeed update over micro-batches -> weight push into the rollout engine -> log/eval/save.
 Departures from the textbook, all deliberate: with num_iterations == 1 the importance ratio is
 exp(logp - sg(logp)) (value 1, PPO gradient) instead of using the engine's log-probs, which
-differ from the trainer's by float noise (logged as `logprob_gap`, a weight-sync health signal);
-for loss_type "bnpo" each micro-batch loss is rescaled so the step's loss is one token mean over
-every rank's tokens, not a mean of micro-batch means.
+differ from the trainer's by float noise (logged as `logprob_gap`, a weight-sync health signal;
+`rollout_correction` weights the loss by it instead). Each micro-batch's loss is its share of
+the step's loss, with the loss type's token weights taken over the whole step (every micro-batch,
+every rank: `minigrpo.algo.normalize`), so the update does not depend on how the step is cut.
 """
 
 from __future__ import annotations
@@ -22,16 +23,18 @@ import torch
 
 from minigrpo import checkpoint as ckpt
 from minigrpo import collectives
-from minigrpo.algo import group_advantages, grpo_loss
-from minigrpo.batching import prepare_prompts, required_columns, step_prompt_indices
+from minigrpo.algo import (group_advantages, grpo_loss, loss_is_zero, loss_metric_names, pooled_std, spread_groups,
+                           token_weights)
+from minigrpo.batching import prepare_prompts, prompt_indices, required_columns, rollout_seed
 from minigrpo.config import Config, ConfigError
-from minigrpo.engine import PolicyEngine, init_distributed
+from minigrpo.engine import PolicyEngine, init_distributed, warmup_steps
 from minigrpo.evaluation import evaluate, phrase_rate
 from minigrpo.models import load_causal_lm, load_tokenizer, resolve_model
-from minigrpo.rewards import Reward, repeat_columns, score_completions
-from minigrpo.rollout import Sampling, make_engine
+from minigrpo.rewards import Reward, RewardScores, repeat_columns, score_completions
+from minigrpo.rollout import RolloutBatch, Sampling, make_engine
 from minigrpo.runlog import Progress, RunLog
-from minigrpo.runtime import PhaseTimer, StopOnSignal, check_replicas, reduce_metrics, seed_everything, sum_over_ranks
+from minigrpo.runtime import (PhaseTimer, StopOnSignal, check_replicas, combine_micro_metrics, reduce_metrics,
+                              seed_everything, sum_over_ranks)
 from minigrpo.scoring import completion_logprobs
 from minigrpo.sync import PROBE_TEXT, probe_tolerance, sync_weights
 
@@ -96,11 +99,11 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
     last = ckpt.latest_checkpoint(out) if resume else None
     if resume and last is None and main:
         print(f"[minigrpo] --resume: no complete checkpoint in {out / 'checkpoints'}; starting from step 0")
-    nonfinite_in_a_row = 0
+    nonfinite_in_a_row, position = 0, 0  # position: the next prompt of the data order (batching.py)
     if last is not None:
         state = ckpt.restore(last, policy, info.rank)
-        _check_same_data_order(state, cfg, last)
-        start, nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
+        _check_same_run(state, cfg, last)
+        start, nonfinite_in_a_row, position = state["step"], state["nonfinite_in_a_row"], state["data_position"]
         policy.optimizer.skipped = state["nonfinite_skipped_steps"]
         sync_weights(rollout, policy, probe_ids, None)  # the engine holds the base weights; exact check only
         if main:
@@ -116,60 +119,96 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
 
     for step in range(start + 1, cfg.max_steps + 1):
         timer = PhaseTimer()
-        # ------------------------------------------------------------ 1. this rank's prompts
-        idx = step_prompt_indices(step, len(train_set), cfg.prompts_per_step, cfg.seed, info.rank, info.world_size)
-        prompt_texts, prompt_ids, columns = train_set.select(idx)  # [P]
-
-        # ------------------------------------------------------------ 2. rollout: G per prompt
-        with timer("generate"):
-            seed = cfg.seed * 1_000_003 + step * 1009 + info.rank  # same samples on resume
-            batch = rollout.generate(prompt_ids, dataclasses.replace(sampling, seed=seed))  # N completions
-
-        # ------------------------------------------------------------ 3. rewards -> advantages
-        with timer("reward"):
-            scores = score_completions(
-                rewards, batch.texts, [t for t in prompt_texts for _ in range(G)], repeat_columns(columns, G), G,
-                on_error=cfg.reward_on_error, timeout_s=cfg.reward_timeout,
-            )
-        advantages = group_advantages(scores.total, G, cfg.scale_rewards, cfg.advantage_eps)  # [N]
+        # ------------------------------------------------------------ 1-3. prompts -> rollout -> rewards
+        # One round: prompts_per_step prompts over the ranks, G completions each, scored. With
+        # dynamic sampling (DAPO), groups whose rewards are all equal are dropped and rounds are
+        # drawn until every rank has its share of groups with a spread, or the bound is reached.
+        rounds, need, generated, kept = 0, layout.prompts_per_rank, [], []  # generated/kept: per round
+        while True:
+            idx = prompt_indices(position, len(train_set), cfg.prompts_per_step, cfg.seed, info.rank, info.world_size)
+            position += cfg.prompts_per_step  # every rank, every round: the position stays global
+            prompt_texts, prompt_ids, columns = train_set.select(idx)  # [P]
+            with timer("generate"):
+                seed = rollout_seed(cfg.seed, step, info.rank, info.world_size, len(prompt_ids) * G, rounds)
+                batch = rollout.generate(prompt_ids, dataclasses.replace(sampling, seed=seed))  # N completions
+            with timer("reward"):
+                scores = score_completions(
+                    rewards, batch.texts, [t for t in prompt_texts for _ in range(G)], repeat_columns(columns, G), G,
+                    on_error=cfg.reward_on_error, timeout_s=cfg.reward_timeout,
+                )
+            groups = list(range(len(prompt_ids)))
+            if cfg.dynamic_sampling:  # a rank that has its share still generates (collective engines) but keeps none
+                spread = spread_groups(scores.total, G).tolist()  # [P]
+                groups = [g for g in groups if spread[g]][:need]
+            need -= len(groups)
+            generated.append((batch, scores))
+            kept.append((batch.groups(groups), scores.groups(groups), [prompt_texts[g] for g in groups]))
+            rounds += 1
+            if (not cfg.dynamic_sampling or rounds == cfg.dynamic_sampling_max_rounds
+                    or collectives.all_reduce_scalars([float(need)], "max")[0] == 0):
+                break
+        batch = RolloutBatch.concat([b for b, _, _ in kept])  # what this rank trains on
+        scores = RewardScores.concat([r for _, r, _ in kept])
+        prompt_texts = [t for _, _, texts in kept for t in texts]  # [P'] rendered, for the samples
+        all_batch = RolloutBatch.concat([b for b, _ in generated])  # every completion generated: the metrics
+        all_scores = RewardScores.concat([r for _, r in generated])
+        batch_std = None  # scale_rewards "batch": the std of every rank's rewards
+        if cfg.scale_rewards == "batch":
+            r = scores.total.double()
+            batch_std = pooled_std(*collectives.all_reduce_scalars([len(r), r.sum().item(), (r * r).sum().item()]))
+        advantages = group_advantages(scores.total, G, cfg.scale_rewards, cfg.advantage_eps, batch_std)  # [N]
 
         # ------------------------------------------------------------ 4. reference / old log-probs
-        micro = [slice(i, i + layout.micro_batch) for i in range(0, len(batch), layout.micro_batch)]
-        # beta 0 and every advantage 0: the micro-batch's loss and gradient are exactly 0 (any loss type)
-        zero = [cfg.skip_zero_advantage and cfg.beta == 0 and policy.can_skip_backward
-                and not advantages[s].any().item() for s in micro]
+        # Always the configured number of micro-batches (DeepSpeed's accumulation count and its
+        # collectives): one that dynamic sampling left without sequences is a ghost.
+        micro = [slice(i, i + layout.micro_batch) for i in range(0, layout.completions_per_rank, layout.micro_batch)]
+        ghost = [s.start >= len(batch) for s in micro]
+        zero = [g or (cfg.skip_zero_advantage and policy.can_skip_backward
+                      and loss_is_zero(advantages[s], cfg.beta, cfg.entropy_coef)) for s, g in zip(micro, ghost)]
         with timer("reference"), torch.no_grad():
-            ref_lp = [_score(reference, batch, s, cfg) for s in micro] if reference is not None else None
-            old_lp = ([None if z else _score(policy, batch, s, cfg) for s, z in zip(micro, zero)]
-                      if cfg.num_iterations > 1 else None)
+            ref_lp = ([None if g else _score(reference, batch, s, cfg) for s, g in zip(micro, ghost)]
+                      if reference is not None else None)
+            old_lp = ([policy.ghost_forward() if g else None if z else _score(policy, batch, s, cfg)
+                       for s, z, g in zip(micro, zero, ghost)] if cfg.num_iterations > 1 else None)
 
         # ------------------------------------------------------------ 5. update (DeepSpeed)
         with timer("train"):
-            loss_scale = _loss_scales(batch, micro, cfg, info.world_size)
+            # the whole step's sequences and tokens, every rank's: the loss type's denominators
+            step_seqs, step_tokens = collectives.all_reduce_scalars([len(batch), sum(map(len, batch.completion_ids))])
+            sequence_level = cfg.importance_sampling_level == "sequence"
             stats, grad_norm, gap, applied = [], float("nan"), [], 0
             for it in range(cfg.num_iterations):
                 for k, s in enumerate(micro):
+                    if ghost[k]:
+                        policy.backward_ghost()
+                        grad_norm, applied = _after_backward(policy, grad_norm, applied)
+                        continue
                     _, mask, engine_lp = batch.slice(s).padded(tokenizer.pad_token_id)
-                    # a skipped micro-batch's metrics come from the engine's log-probs (ratio 1, loss 0)
-                    lp = engine_lp if zero[k] else _score(policy, batch, s, cfg)  # [n, T]
-                    mask = mask.to(lp.device)
+                    # a skipped micro-batch's metrics come from the engine's log-probs (ratio 1, loss 0);
+                    # it has no entropy and no rollout correction to report
+                    lp, ent = (engine_lp, None) if zero[k] else _score(policy, batch, s, cfg, with_entropy=True)  # [n, T]
+                    mask, engine_lp = mask.to(lp.device), engine_lp.to(lp.device)
                     loss, m = grpo_loss(
                         lp, old_lp[k] if old_lp and not zero[k] else None, ref_lp[k] if ref_lp else None,
-                        advantages[s].to(lp.device), mask, beta=cfg.beta, eps_low=cfg.epsilon,
-                        eps_high=cfg.epsilon_high, loss_type=cfg.loss_type,
-                        max_completion_length=cfg.max_completion_length,
+                        advantages[s].to(lp.device), mask, beta=cfg.beta,
+                        eps_low=cfg.sequence_epsilon if sequence_level else cfg.epsilon,
+                        eps_high=cfg.sequence_epsilon_high if sequence_level else cfg.epsilon_high,
+                        loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
+                        weights=token_weights(mask.to(lp.dtype), cfg.loss_type, cfg.max_completion_length,
+                                              step_seqs, step_tokens),
+                        importance_sampling_level=cfg.importance_sampling_level, engine_logprobs=engine_lp,
+                        rollout_correction="none" if zero[k] else cfg.rollout_correction,
+                        correction_cap=cfg.rollout_correction_cap, entropy=ent, entropy_coef=cfg.entropy_coef,
                     )
                     if zero[k]:
                         policy.backward_zero()
                     else:
-                        policy.backward(loss * loss_scale[k])
-                    norm = policy.step()  # optimizer + schedule step at the accumulation boundary
-                    if norm is not None:  # an accumulation boundary: the optimizer ran (or skipped)
-                        grad_norm = norm
-                        applied += not policy.last_step_skipped
+                        policy.backward(loss)  # the micro-batch's share of the step's loss
+                    grad_norm, applied = _after_backward(policy, grad_norm, applied)
                     stats.append(m)
                     if it == 0 and not zero[k]:
-                        gap.append(((lp.detach().float().cpu() - engine_lp).abs() * mask.cpu()).sum() / mask.sum().clamp(min=1))
+                        gap.append(((lp.detach().float().cpu() - engine_lp.cpu()).abs() * mask.cpu()).sum()
+                                   / mask.sum().clamp(min=1))
 
         # ------------------------------------------------------------ 6. weight push
         with timer("push"):
@@ -178,19 +217,22 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
         nonfinite_in_a_row = 0 if applied else nonfinite_in_a_row + 1
 
         # ------------------------------------------------------------ 7. log, samples, eval, save
-        success = scores.per_reward.get(cfg.success_reward)
-        solved = [v == 1.0 for v in success] if success else [False] * len(batch)
-        lengths = [len(c) for c in batch.completion_ids]
-        pass_tokens = sum(_forward_tokens(batch, s) for s in micro)  # tokens of one pass over the batch
+        # rewards, success and completions: every completion generated this step (all rounds)
+        success = all_scores.per_reward.get(cfg.success_reward)
+        solved = [v == 1.0 for v in success] if success else [False] * len(all_batch)
+        lengths = [len(c) for c in all_batch.completion_ids]
+        pass_tokens = sum(_forward_tokens(batch, s) for s, g in zip(micro, ghost) if not g)  # one pass over the batch
         metrics = {
-            **scores.metrics(),
-            **{k: float(np.mean([m[k] for m in stats])) for k in stats[0]},
+            **all_scores.metrics(),
+            # entropy and rollout_is/*: the micro-batches that ran a forward (nan: none did)
+            **combine_micro_metrics(stats, loss_metric_names(cfg.rollout_correction, entropy=True)),
             "success_rate": float(np.mean(solved)) if success else float("nan"),
-            "zero_spread_groups": float(np.mean([len(set(g)) == 1 for g in np.array(scores.total).reshape(-1, G).tolist()])),
+            "zero_spread_groups": float(1 - spread_groups(all_scores.total, G).float().mean()),
+            "dynamic/rounds": float(rounds),
             "grad_norm": grad_norm, "lr": policy.lr,
             "completion/length_mean": float(np.mean(lengths)), "completion/length_max": float(max(lengths)),
-            "completion/truncated_fraction": float(np.mean(batch.truncated)),
-            "completion/self_verification_rate": phrase_rate(batch.texts, cfg.self_verification_phrases),
+            "completion/truncated_fraction": float(np.mean(all_batch.truncated)),
+            "completion/self_verification_rate": phrase_rate(all_batch.texts, cfg.self_verification_phrases),
             "logprob_gap": float(torch.stack(gap).mean()) if gap else float("nan"),  # nan: all skipped
             "skipped_micro_batches": float(np.mean(zero)),
             **timer.metrics(), "tokens_per_second": sum(lengths) / max(timer.seconds["generate"], 1e-9),
@@ -202,11 +244,15 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
             "tokens/reference": float(pass_tokens if reference is not None else 0),
         }
         metrics = reduce_metrics(metrics)
-        metrics["batch/completions"] = sum_over_ranks(len(batch))  # = prompts_per_step * G
+        metrics["batch/completions"] = sum_over_ranks(len(batch))  # trained on: prompts_per_step * G (DAPO: up to)
+        metrics["dynamic/groups_kept"] = metrics["batch/completions"] / G  # over all ranks
+        metrics["dynamic/prompts_drawn"] = float(rounds * cfg.prompts_per_step)
         if step % cfg.logging_steps == 0 or step == cfg.max_steps:
             metrics["param_checksum"] = check_replicas(policy)
         if main:
-            log.samples(step, [t for t in prompt_texts for _ in range(G)], batch.texts, scores.total.tolist(), solved, cfg.num_completion_samples)
+            kept_solved = [v == 1.0 for v in scores.per_reward[cfg.success_reward]] if success else [False] * len(batch)
+            log.samples(step, [t for t in prompt_texts for _ in range(G)], batch.texts, scores.total.tolist(), kept_solved,
+                        cfg.num_completion_samples)
         if eval_set is not None and (step == cfg.max_steps or (cfg.eval_steps and step % cfg.eval_steps == 0)):
             metrics.update(evaluate(rollout, eval_set, rewards, cfg, info))
         log.log(step, metrics)
@@ -217,9 +263,9 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
         if nonfinite_in_a_row >= cfg.max_nonfinite_steps or interrupted or step == cfg.max_steps or (
             cfg.save_steps and step % cfg.save_steps == 0
         ):
-            state = {"step": step, "data_position": step * cfg.prompts_per_step,
+            state = {"step": step, "data_position": position,
                      "nonfinite_skipped_steps": policy.optimizer.skipped, "nonfinite_in_a_row": nonfinite_in_a_row,
-                     "data_order": _data_order(cfg)}
+                     "data_order": _data_order(cfg), "schedule": _schedule(cfg)}
             saved = ckpt.save(out, step, policy, tokenizer, state, info.rank, cfg.save_total_limit)
         if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
             raise RuntimeError(
@@ -238,28 +284,55 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
 
 
 def _data_order(cfg: Config) -> dict:
-    """The settings that decide which prompts step k trains on (see batching.step_prompt_indices)."""
+    """The settings that decide which prompts step k trains on (see batching.prompt_indices)."""
     return {k: getattr(cfg, k) for k in ("seed", "prompts_per_step", "num_generations", "dataset", "dataset_size", "test_size")}
 
 
-def _check_same_data_order(state: dict, cfg: Config, folder: Path) -> None:
-    saved = state.get("data_order", {})
-    changed = {k: (saved.get(k), v) for k, v in _data_order(cfg).items() if saved.get(k) != v}
-    if changed:
-        detail = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items())
-        raise ConfigError(f"cannot resume {folder} with a different data order ({detail}); "
-                          "use the checkpoint's values or start a new output_dir")
+def _schedule(cfg: Config) -> dict:
+    """What decides the learning rate and the number of updates at every step: a resumed run with
+    other values would silently continue another schedule. max_steps is part of it only where it
+    moves the learning rate (cosine decay, warmup), so a constant schedule without warmup can be
+    extended by resuming with a larger max_steps."""
+    total = cfg.max_steps * cfg.num_iterations
+    out = {"learning_rate": cfg.learning_rate, "lr_scheduler_type": cfg.lr_scheduler_type,
+           "num_iterations": cfg.num_iterations, "warmup_steps": warmup_steps(total, cfg.warmup_ratio)}
+    if cfg.lr_scheduler_type != "constant" or out["warmup_steps"] > 0:
+        out["max_steps"] = cfg.max_steps
+    return out
 
 
-def _score(policy_or_reference, batch, s: slice, cfg: Config) -> torch.Tensor:
+def _check_same_run(state: dict, cfg: Config, folder: Path) -> None:
+    """Refuse to resume with a different data order or schedule: the run would silently become
+    another one. To train further, start a new run from the checkpoint's weights
+    (model=<checkpoint>/model) with its own schedule."""
+    checks = [("data order", state.get("data_order", {}), _data_order(cfg))]
+    if "schedule" in state:  # checkpoints written before it was recorded have no schedule to compare
+        checks.append(("schedule", state["schedule"], _schedule(cfg)))
+    for what, saved, now in checks:
+        changed = {k: (saved.get(k), now.get(k)) for k in {**saved, **now} if saved.get(k) != now.get(k)}
+        if changed:
+            detail = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items())
+            raise ConfigError(f"cannot resume {folder} with a different {what} ({detail}); use the checkpoint's "
+                              f"values, or train further in a new output_dir with model={folder}/model")
+
+
+def _score(policy_or_reference, batch, s: slice, cfg: Config, with_entropy: bool = False):
     """[n, T] log-probs of the micro-batch's completion tokens under the policy (a PolicyEngine) or
-    the reference (a plain module)."""
+    the reference (a plain module); with_entropy: and the [n, T] entropies."""
     if isinstance(policy_or_reference, PolicyEngine):
         model, gathered = policy_or_reference.module, policy_or_reference.gathered
     else:
         model, gathered = policy_or_reference, None
     return completion_logprobs(model, batch.prompt_ids[s], batch.completion_ids[s], cfg.temperature,
-                               cfg.logprob_chunk_tokens, gathered=gathered)
+                               cfg.logprob_chunk_tokens, gathered=gathered, with_entropy=with_entropy)
+
+
+def _after_backward(policy: PolicyEngine, grad_norm: float, applied: int) -> tuple[float, int]:
+    """Step the optimizer and schedule at the accumulation boundary; (grad norm, applied updates)."""
+    norm = policy.step()
+    if norm is None:  # not a boundary
+        return grad_norm, applied
+    return norm, applied + (not policy.last_step_skipped)  # the optimizer ran, or skipped a non-finite step
 
 
 def _forward_tokens(batch, s: slice) -> int:
@@ -267,14 +340,3 @@ def _forward_tokens(batch, s: slice) -> int:
     prompts = batch.prompt_ids[s]
     unique = sum(len(p) for i, p in enumerate(prompts) if i == 0 or p != prompts[i - 1])
     return unique + sum(len(c) for c in batch.completion_ids[s])
-
-
-def _loss_scales(batch, micro: list[slice], cfg: Config, world: int) -> list[float]:
-    """Per-micro-batch factors so DeepSpeed's mean over micro-batches and ranks gives the intended
-    loss. grpo (mean of sequence means) and dr_grpo (constant denominator) need none with equal
-    micro-batches; bnpo's token mean becomes one mean over all tokens of all ranks."""
-    if cfg.loss_type != "bnpo":
-        return [1.0] * len(micro)
-    tokens = [sum(len(c) for c in batch.completion_ids[s]) for s in micro]
-    total = collectives.all_reduce_scalars([float(sum(tokens))])[0]
-    return [t * len(micro) * world / max(total, 1.0) for t in tokens]

@@ -3,6 +3,7 @@ own (DeepSpeed keeps a process group and global state), run by tests/test_engine
 
     python tests/engine_checks.py gradnorm MODEL_DIR STAGE DTYPE   # the logged grad norm is DeepSpeed's
     python tests/engine_checks.py trainmode MODEL_DIR              # checkpointing recomputes, dropout is off
+    python tests/engine_checks.py stepgrad MODEL_DIR LOSS_TYPE GAS OUT   # the step's gradient, to OUT (rank 0)
 
 Each prints one line `RESULT {json}`.
 """
@@ -27,9 +28,10 @@ def _policy(model_dir: str, stage: str = "0", dtype: str = "float32", **override
     from minigrpo.models import load_causal_lm
 
     info = init_distributed()
-    cfg = Config(model=model_dir, prompts_per_step=1, num_generations=2, gradient_accumulation_steps=2, max_steps=1,
-                 dtype=dtype, deepspeed=None if stage == "0" else str(ROOT / "recipes" / f"deepspeed_zero{stage}.json"),
-                 learning_rate=1e-3, warmup_ratio=0.0, lr_scheduler_type="constant", **overrides)
+    batch = {"prompts_per_step": 1, "num_generations": 2, "gradient_accumulation_steps": 2}
+    cfg = Config(model=model_dir, max_steps=1, dtype=dtype,
+                 deepspeed=None if stage == "0" else str(ROOT / "recipes" / f"deepspeed_zero{stage}.json"),
+                 learning_rate=1e-3, warmup_ratio=0.0, lr_scheduler_type="constant", **{**batch, **overrides})
     model = load_causal_lm(model_dir, dtype)
     return model, lambda m: PolicyEngine(m, cfg, cfg.layout(info.world_size))
 
@@ -98,7 +100,49 @@ def trainmode(model_dir: str) -> dict:
     }
 
 
+# One step of 8 completions (2 prompts x 4), ragged lengths 1..6, fixed advantages
+STEP_PROMPTS = [[5, 6, 7]] * 4 + [[9, 10]] * 4
+STEP_COMPLETIONS = [[8, 9, 10, 4], [11, 12], [13], [14, 15, 16, 17, 18, 19], [20, 21, 22], [23, 24], [25, 26, 27, 28, 29], [30]]
+STEP_ADVANTAGES = [1.0, -0.5, 0.25, -1.5, 0.75, 2.0, -1.0, 0.5]
+
+
+def stepgrad(model_dir: str, loss_type: str, gas: str, out: str) -> dict:
+    """The gradient of one GRPO step over STEP_* (beta 0.04, KL to the initial policy shifted by
+    0.1), cut into `gas` micro-batches per rank over however many ranks run this; rank 0 saves the
+    gradient at the accumulation boundary (after DeepSpeed's reduction) to `out`. The same step cut
+    any way must give the same gradient: the step-level token weights (minigrpo.algo.normalize) and
+    PolicyEngine.backward's undoing of DeepSpeed's averages."""
+    from minigrpo import collectives
+    from minigrpo.algo import grpo_loss, token_weights
+    from minigrpo.scoring import completion_logprobs
+
+    model, wrap = _policy(model_dir, prompts_per_step=2, num_generations=4, gradient_accumulation_steps=int(gas))
+    policy = wrap(model)
+    rank, world = collectives.rank(), collectives.world_size()
+    n = len(STEP_COMPLETIONS) // world
+    mine = slice(rank * n, (rank + 1) * n)
+    prompts, completions = STEP_PROMPTS[mine], STEP_COMPLETIONS[mine]
+    advantages = torch.tensor(STEP_ADVANTAGES[mine])
+    seqs, tokens = collectives.all_reduce_scalars([len(completions), sum(map(len, completions))])
+    micro = n // int(gas)
+    for k in range(0, n, micro):
+        c = completions[k:k + micro]
+        with torch.no_grad():
+            ref = completion_logprobs(policy.module, prompts[k:k + micro], c) - 0.1
+        lp = completion_logprobs(policy.module, prompts[k:k + micro], c)  # [m, T]
+        mask = (torch.arange(lp.shape[1])[None, :] < torch.tensor([len(x) for x in c])[:, None]).float()
+        loss, _ = grpo_loss(lp, None, ref, advantages[k:k + micro], mask, beta=0.04, loss_type=loss_type,
+                            max_completion_length=6, weights=token_weights(mask, loss_type, 6, seqs, tokens))
+        policy.backward(loss)
+        if k + micro >= n:
+            grad = torch.cat([p.grad.flatten().float() for p in policy.module.parameters()])
+        policy.step()
+    if rank == 0:
+        torch.save(grad, out)
+    return {"grad_norm": grad.norm().item()}
+
+
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    result = {"gradnorm": gradnorm, "trainmode": trainmode}[mode](*args)
+    result = {"gradnorm": gradnorm, "trainmode": trainmode, "stepgrad": stepgrad}[mode](*args)
     print("RESULT", json.dumps(result), flush=True)

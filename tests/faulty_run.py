@@ -11,7 +11,7 @@
                    ulp (one element of one tensor is loaded one ulp off)
 
 The faults are injected by wrapping names the trainer looks up at call time
-(`minigrpo.trainer.grpo_loss`, `score_completions`, `sync_weights`, `step_prompt_indices`); nothing in
+(`minigrpo.trainer.grpo_loss`, `score_completions`, `sync_weights`, `rollout_seed`); nothing in
 minigrpo is changed. One line per event goes to stdout for the test to read:
 
     [faulty] step K                  step K began (its prompts were chosen)
@@ -92,13 +92,14 @@ def _broken_loader(kind: str):
 def _inject(nan_at: set[int], break_push_at: int | None, push_fault: str) -> None:
     from minigrpo import trainer
 
-    choose, loss_fn, score, push = trainer.step_prompt_indices, trainer.grpo_loss, trainer.score_completions, trainer.sync_weights
+    seed_of, loss_fn, score, push = trainer.rollout_seed, trainer.grpo_loss, trainer.score_completions, trainer.sync_weights
 
-    def step_prompt_indices(step, *a, **k):
+    def rollout_seed(seed, step, *a, **k):
         global STEP
-        STEP = step
-        _event(f"step {step}")
-        return choose(step, *a, **k)
+        if step != STEP:  # a step's first generation round
+            STEP = step
+            _event(f"step {step}")
+        return seed_of(seed, step, *a, **k)
 
     def grpo_loss(*a, **k):
         loss, metrics = loss_fn(*a, **k)
@@ -116,7 +117,7 @@ def _inject(nan_at: set[int], break_push_at: int | None, push_fault: str) -> Non
         _event(f"push {STEP}")
         return push(*a, **k)
 
-    trainer.step_prompt_indices, trainer.grpo_loss = step_prompt_indices, grpo_loss
+    trainer.rollout_seed, trainer.grpo_loss = rollout_seed, grpo_loss
     trainer.score_completions, trainer.sync_weights = score_completions, sync_weights
 
 

@@ -9,16 +9,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from tiny_task import build_tiny_model
+from tiny_task import free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def check(*args) -> dict:
+def check(*args, ranks: int = 1) -> dict:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT / "tests")}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "engine_checks.py"), *map(str, args)],
+    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                     str(ranks), "--master_port", free_port()]
+    proc = subprocess.run([*launcher, str(ROOT / "tests" / "engine_checks.py"), *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))[7:])
@@ -38,9 +41,26 @@ def test_policy_trains_in_train_mode_with_checkpointing_and_without_dropout(tiny
 @pytest.mark.parametrize("stage, dtype", [("0", "float32"), ("0", "bfloat16"), ("2", "bfloat16"), ("3", "float32")])
 def test_logged_grad_norm_is_deepspeeds_global_norm(tiny_model, stage, dtype):
     r = check("gradnorm", tiny_model, stage, dtype)
-    fp32 = 41.9756  # the fp32 ZeRO-0 norm of this step (both micro-batches), measured
+    # the fp32 ZeRO-0 norm of this step, measured: each micro-batch's loss is its share of the
+    # step's sum (41.9756 before 2026-12-01, when DeepSpeed's mean over the 2 micro-batches halved it)
+    fp32 = 83.9512
     assert r["logged"] == pytest.approx(fp32, rel=2e-3), r  # bf16 rounding moves it by ~5e-4
     if r["deepspeed"] is not None:  # DeepSpeed records it wherever it wraps the optimizer
         assert r["logged"] == r["deepspeed"], r
     else:  # fp32 ZeRO-0: DeepSpeed steps AdamW itself and keeps no norm; ours is the module's
         assert r["optimizer"] == "GuardedAdamW" and r["logged"] == r["module_at_boundary"], r
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+def test_a_step_cut_into_micro_batches_or_ranks_has_the_same_gradient(tiny_model, tmp_path, loss_type):
+    """One step of 8 ragged completions as 1 micro-batch, as 4, and over 2 ranks of 2 micro-batches
+    each (gloo): the reduced gradient DeepSpeed holds at the boundary is the same (fp32 sums in
+    another order: ~1e-7 relative)."""
+    grads = {}
+    for name, gas, ranks in (("1x1", 1, 1), ("1x4", 4, 1), ("2x2", 2, 2)):
+        check("stepgrad", tiny_model, loss_type, gas, tmp_path / f"{name}.pt", ranks=ranks)
+        grads[name] = torch.load(tmp_path / f"{name}.pt")
+    scale = grads["1x1"].abs().max()
+    assert scale > 0
+    for name in ("1x4", "2x2"):
+        assert (grads[name] - grads["1x1"]).abs().max() <= 1e-5 * scale, (name, (grads[name] - grads["1x1"]).abs().max())

@@ -182,3 +182,46 @@ def test_chunked_head_values_and_gradients_equal_autograd_through_the_plain_form
     torch.testing.assert_close(h.grad, h2.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(head.weight.grad, w.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(head.bias.grad, b.grad, rtol=1e-10, atol=1e-12)
+
+
+def naive_entropy(model, temperature):
+    """Entropy of softmax(logits / T) at each completion position, from a full forward of each sequence."""
+    out = []
+    for p, c in zip(PROMPTS, COMPLETIONS):
+        logits = model(torch.tensor([p + c])).logits[0] / temperature  # [L, V]
+        probs = torch.softmax(logits, -1)
+        h = -(probs * torch.log_softmax(logits, -1)).sum(-1)  # [L]
+        out.append([h[len(p) - 1 + t] for t in range(len(c))])
+    return out
+
+
+def test_entropy_and_its_gradient_from_the_chunked_head_match_a_full_forward(model):
+    """H = -sum p log p of the tempered distribution, and d(sum w_lp * lp + w_h * H) for every
+    parameter, from chunks of 3 rows (the backward's dH/dz = -p (z - E_p z) against autograd)."""
+    w_lp, w_h = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    model.zero_grad()
+    lp, ent = completion_logprobs(model, PROMPTS, COMPLETIONS, 0.7, chunk_tokens=3, with_entropy=True)
+    ((lp * w_lp).sum() + (ent * w_h).sum()).backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    want_lp, want_h = naive(model, 0.7), naive_entropy(model, 0.7)
+    for i, row in enumerate(want_h):
+        torch.testing.assert_close(ent[i, : len(row)], torch.stack(row) if row else ent[i, :0], rtol=1e-10, atol=1e-12)
+        assert torch.all(ent[i, len(row):] == 0)
+    total = sum(w_lp[i, t] * v for i, row in enumerate(want_lp) for t, v in enumerate(row))
+    total = total + sum(w_h[i, t] * v for i, row in enumerate(want_h) for t, v in enumerate(row))
+    total.backward()
+    for a, b in zip(ours, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_entropy_of_a_uniform_head_is_log_v():
+    """A head of zeros gives the uniform distribution over V = 50 tokens: H = log 50 at every position."""
+    from minigrpo.scoring import head_logprobs
+
+    head = torch.nn.Linear(4, 50, bias=False, dtype=torch.float64)
+    torch.nn.init.zeros_(head.weight)
+    lp, ent = head_logprobs(head, torch.randn(5, 4, dtype=torch.float64), torch.arange(5), 1.3, 2, with_entropy=True)
+    torch.testing.assert_close(ent, torch.full((5,), torch.log(torch.tensor(50.0, dtype=torch.float64)).item(),
+                                               dtype=torch.float64))
+    torch.testing.assert_close(lp, -ent)

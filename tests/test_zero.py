@@ -118,3 +118,23 @@ def test_bf16_step_pushes_checkpoints_and_logs_deepspeeds_norm(tiny_model, tmp_p
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+
+
+DAPO = ("rollout=vllm", "max_steps=3", "beta=0.04", "--reward=starts_with_a", "success_reward=starts_with_a",
+        "gradient_accumulation_steps=4", "dynamic_sampling=true", "dynamic_sampling_max_rounds=1", "save_total_limit=1")
+
+
+def test_dynamic_sampling_ghost_micro_batches_at_every_stage(tiny_model, tmp_path):
+    """Two ranks, one sampling round of a sparse reward: a rank keeps only its groups with a spread
+    and runs the rest of its 4 micro-batches as ghosts (ZeRO-3: a dummy pass through the same
+    collectives). ZeRO-2 and -3 finish with ZeRO-0's weights, so the ghosts added exactly nothing."""
+    base_rows, _ = run(tiny_model, tmp_path / "zero0", 2, *DAPO)
+    assert min(r["dynamic/groups_kept"] for r in base_rows) < 4  # some rank ran ghosts
+    want = weights(tmp_path / "zero0", 3)
+    for stage in ("2", "3"):
+        rows, _ = run(tiny_model, tmp_path / f"zero{stage}", 2, *DAPO,
+                      f"deepspeed={ROOT / 'recipes' / f'deepspeed_zero{stage}.json'}")
+        assert [r["dynamic/groups_kept"] for r in rows] == [r["dynamic/groups_kept"] for r in base_rows]
+        got = weights(tmp_path / f"zero{stage}", 3)
+        worst = max((got[k] - want[k]).abs().max().item() for k in want)
+        assert worst < TOLERANCE[stage], (stage, worst)

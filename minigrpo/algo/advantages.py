@@ -12,7 +12,8 @@ SCALES = ("group", "batch", "none")
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
+    batch_std: float | None = None,
 ) -> torch.Tensor:
     """Advantage of each completion relative to the other completions of its prompt.
 
@@ -22,7 +23,9 @@ def group_advantages(
         scale: how the centred reward is scaled:
             "group": (r - mean_group) / (std_group + eps), std unbiased (Bessel, divides by G-1),
                 as DeepSeekMath and TRL do.
-            "batch": (r - mean_group) / (std_batch + eps), std unbiased over all N rewards.
+            "batch": (r - mean_group) / (std_batch + eps), std unbiased over all rewards of the
+                step: `batch_std` when the step spans several ranks (`pooled_std` of their sums),
+                else over these N rewards.
             "none":  r - mean_group (Dr. GRPO: no scaling, so no eps either).
         eps: added to the standard deviation, never to the numerator.
 
@@ -55,5 +58,20 @@ def group_advantages(
     if scale == "group":
         std = r.std(dim=1, keepdim=True, unbiased=True)  # [P, 1]
     else:
-        std = rewards.std(unbiased=True)  # [] over the whole batch
+        std = rewards.std(unbiased=True) if batch_std is None else rewards.new_tensor(batch_std)  # []
     return (centred / (std + eps)).view(n)  # [N]
+
+
+def pooled_std(count: float, total: float, total_sq: float) -> float:
+    """Unbiased standard deviation of values known only by their count, sum and sum of squares
+    (added over ranks in float64): sqrt((sum x^2 - (sum x)^2 / n) / (n - 1))."""
+    if count < 2:
+        return 0.0
+    return max(total_sq - total * total / count, 0.0) ** 0.5 / (count - 1) ** 0.5
+
+
+def spread_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[P] bool: the groups whose rewards [N] (prompt-major) are not all equal. The others have
+    all-zero advantages whatever the scaling, and teach nothing (DAPO's dynamic sampling drops them)."""
+    r = rewards.view(-1, group_size)  # [P, G]
+    return r.amax(dim=1) != r.amin(dim=1)  # [P]

@@ -50,3 +50,16 @@ def token_logprobs(
         chosen = chunk.gather(1, ids[start : start + rows]).squeeze(1)  # [r]
         out.append(chosen - torch.logsumexp(chunk, dim=1))  # [r]
     return torch.cat(out).view(b, t) if out else flat.new_zeros((b, t), dtype=out_dtype)
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) per row: logsumexp(z) - sum(p * z), z = logits / tau.
+
+    Args:
+        logits: [R, V], a chunk of rows (callers chunk: this makes [R, V] temporaries).
+    Returns:
+        [R] float32 (float64 for float64 logits). Differentiable w.r.t. logits.
+    """
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # [R, V]
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [R, 1]
+    return lse.squeeze(-1) - (torch.exp(z - lse) * z).sum(dim=-1)  # [R]

@@ -79,6 +79,20 @@ class RewardScores:
     num_failures: dict[str, int]  # name -> completions that raised and were scored 0
     group_size: int  # G
 
+    def groups(self, keep: list[int]) -> RewardScores:
+        """The scores of the groups (prompt indices) `keep`, in that order."""
+        idx = [g * self.group_size + j for g in keep for j in range(self.group_size)]
+        return RewardScores(self.total[idx], {k: [v[i] for i in idx] for k, v in self.per_reward.items()},
+                            dict(self.num_failures), self.group_size)
+
+    @staticmethod
+    def concat(parts: list[RewardScores]) -> RewardScores:
+        """The scores of `parts` (same rewards, same group size) one after the other; failures add up."""
+        return RewardScores(torch.cat([p.total for p in parts]),
+                            {k: [v for p in parts for v in p.per_reward[k]] for k in parts[0].per_reward},
+                            {k: sum(p.num_failures.get(k, 0) for p in parts) for k in parts[0].num_failures},
+                            parts[0].group_size)
+
     def metrics(self) -> dict[str, float]:
         """Plain floats to log.
 

@@ -91,6 +91,20 @@ class RolloutBatch:
             self.finish_reasons[s], group_size=1,
         )
 
+    def groups(self, keep: list[int]) -> RolloutBatch:
+        """The completions of the groups (prompt indices) `keep`, in that order."""
+        idx = [g * self.group_size + j for g in keep for j in range(self.group_size)]
+        return RolloutBatch([self.prompt_ids[i] for i in idx], [self.completion_ids[i] for i in idx],
+                            [self.texts[i] for i in idx], [self.logprobs[i] for i in idx],
+                            [self.finish_reasons[i] for i in idx], group_size=self.group_size)
+
+    @staticmethod
+    def concat(batches: list[RolloutBatch]) -> RolloutBatch:
+        """One batch of the groups of `batches` (all of the same group size), in order."""
+        return RolloutBatch(*([x for b in batches for x in getattr(b, name)]
+                              for name in ("prompt_ids", "completion_ids", "texts", "logprobs", "finish_reasons")),
+                            group_size=batches[0].group_size)
+
     def padded(self, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded completion tensors: ids [N, T] long, mask [N, T] bool, logprobs [N, T] float32."""
         n, t = len(self), max((len(c) for c in self.completion_ids), default=0)
