@@ -42,7 +42,7 @@ def main() -> None:
     engine = make_engine("vllm", path, dtype=cfg.dtype, seed=cfg.seed,
                          max_model_len=cfg.max_prompt_length + cfg.max_completion_length)
     batch = engine.generate(tasks.ids, greedy_sampling(cfg))  # as the trainer's evaluations
-    scores = score_completions([Reward(format_reward), Reward(equation_reward)], batch.texts, tasks.texts,
+    scores = score_completions([Reward(format_reward), Reward(equation_reward)], batch.texts, tasks.prompts,
                                tasks.columns, 1)
     fmt = sum(v == 1.0 for v in scores.per_reward["format_reward"]) / len(batch)
     ok = sum(v == 1.0 for v in scores.per_reward["equation_reward"]) / len(batch)

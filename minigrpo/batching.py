@@ -58,25 +58,30 @@ def _permutation(n: int, seed: int) -> np.ndarray:
 
 @dataclass
 class PromptSet:
-    """A dataset's prompts rendered and tokenized once, plus the columns rewards receive."""
+    """A dataset's prompts rendered and tokenized once, plus what rewards receive (TRL's way)."""
 
     texts: list[str]  # [rows] rendered prompt strings
     ids: list[list[int]]  # [rows] prompt token ids
-    columns: dict[str, list]  # dataset column -> [rows]
+    prompts: list  # [rows] a reward's `prompts`: the `prompt` column (str or messages) if any, else `texts`
+    columns: dict[str, list]  # dataset column -> [rows], all but `prompt` (rewards get it as `prompts`)
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def select(self, idx: list[int]) -> tuple[list[str], list[list[int]], dict[str, list]]:
-        return [self.texts[i] for i in idx], [self.ids[i] for i in idx], {k: [v[i] for i in idx] for k, v in self.columns.items()}
+    def select(self, idx: list[int]) -> tuple[list, list[list[int]], dict[str, list]]:
+        """Rows `idx`: (reward prompts [P], prompt token ids [P], columns {name: [P]})."""
+        return [self.prompts[i] for i in idx], [self.ids[i] for i in idx], {k: [v[i] for i in idx] for k, v in self.columns.items()}
 
 
 def required_columns(fn) -> list[str]:
-    """Keyword arguments a reward function needs (no default) besides completions and prompts."""
-    params = list(inspect.signature(fn).parameters.values())[1:]  # the first is the completions
+    """Dataset columns a reward function needs: its parameters without a default other than the
+    arguments every reward is offered (`prompts`, `completions`, `completion_ids`, `trainer_state`)."""
+    from minigrpo.rewards import REWARD_ARGUMENTS
+
     return [
-        p.name for p in params
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty and p.name != "prompts"
+        p.name for p in inspect.signature(fn).parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty
+        and p.name not in REWARD_ARGUMENTS
     ]
 
 
@@ -87,4 +92,5 @@ def prepare_prompts(dataset, tokenizer, template, max_prompt_length: int) -> Pro
 
     texts = [render_prompt(tokenizer, row, template) for row in dataset]
     ids = tokenize_prompts(tokenizer, texts, max_prompt_length)
-    return PromptSet(texts, ids, {c: list(dataset[c]) for c in dataset.column_names})
+    columns = {c: list(dataset[c]) for c in dataset.column_names if c != "prompt"}
+    return PromptSet(texts, ids, list(dataset["prompt"]) if "prompt" in dataset.column_names else texts, columns)

@@ -14,8 +14,9 @@ def greedy_sampling(cfg) -> Sampling:
     return Sampling(n=1, max_tokens=cfg.max_completion_length, temperature=0.0, stop=tuple(cfg.stop), seed=0)
 
 
-def evaluate(rollout, eval_set, rewards, cfg, info) -> dict[str, float]:
-    """Greedy completions for the first `cfg.eval_num_samples` held-out prompts, split over ranks.
+def evaluate(rollout, eval_set, rewards, cfg, info, trainer_state=None) -> dict[str, float]:
+    """Greedy completions for the first `cfg.eval_num_samples` held-out prompts, split over ranks;
+    the rewards receive `trainer_state` as in training.
 
     Returns `eval/<reward name>` (mean value), `eval/success_rate` (fraction where the success
     reward is exactly 1), and `eval/format_rate` when a reward named format_reward is present.
@@ -27,10 +28,10 @@ def evaluate(rollout, eval_set, rewards, cfg, info) -> dict[str, float]:
     # lockstep engine (ZeRO-3) runs the same forward passes on every rank.
     idx = list(range(info.rank, -(-n // info.world_size) * info.world_size, info.world_size))
     real = [i < n for i in idx]
-    texts, ids, cols = eval_set.select([i if i < n else 0 for i in idx])
+    prompts, ids, cols = eval_set.select([i if i < n else 0 for i in idx])
     batch = rollout.generate(ids, greedy_sampling(cfg))
-    scores = score_completions(rewards, batch.texts, texts, cols, 1,
-                               on_error=cfg.reward_on_error, timeout_s=cfg.reward_timeout)
+    scores = score_completions(rewards, batch.texts, prompts, cols, 1, completion_ids=batch.completion_ids,
+                               trainer_state=trainer_state, on_error=cfg.reward_on_error, timeout_s=cfg.reward_timeout)
     sums = {"count": float(sum(real))}
     for name, values in scores.per_reward.items():
         sums[name] = sum(v or 0.0 for v, r in zip(values, real) if r)

@@ -39,6 +39,15 @@ from minigrpo.scoring import completion_logprobs
 from minigrpo.sync import PROBE_TEXT, probe_tolerance, sync_weights
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainerState:
+    """What rewards receive as `trainer_state=` (TRL's name and fields): `global_step` optimizer steps
+    are done (the step being scored is global_step + 1) of `max_steps`."""
+
+    global_step: int
+    max_steps: int
+
+
 def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template=None, resume: bool = False) -> Path:
     """Train with GRPO; returns the output directory. `rewards`: functions or `Reward`s."""
     # ---------------------------------------------------------------- checks before heavy work
@@ -127,13 +136,14 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
         while True:
             idx = prompt_indices(position, len(train_set), cfg.prompts_per_step, cfg.seed, info.rank, info.world_size)
             position += cfg.prompts_per_step  # every rank, every round: the position stays global
-            prompt_texts, prompt_ids, columns = train_set.select(idx)  # [P]
+            reward_prompts, prompt_ids, columns = train_set.select(idx)  # [P]
             with timer("generate"):
                 seed = rollout_seed(cfg.seed, step, info.rank, info.world_size, len(prompt_ids) * G, rounds)
                 batch = rollout.generate(prompt_ids, dataclasses.replace(sampling, seed=seed))  # N completions
             with timer("reward"):
                 scores = score_completions(
-                    rewards, batch.texts, [t for t in prompt_texts for _ in range(G)], repeat_columns(columns, G), G,
+                    rewards, batch.texts, [p for p in reward_prompts for _ in range(G)], repeat_columns(columns, G), G,
+                    completion_ids=batch.completion_ids, trainer_state=TrainerState(step - 1, cfg.max_steps),
                     on_error=cfg.reward_on_error, timeout_s=cfg.reward_timeout,
                 )
             groups = list(range(len(prompt_ids)))
@@ -142,7 +152,7 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
                 groups = [g for g in groups if spread[g]][:need]
             need -= len(groups)
             generated.append((batch, scores))
-            kept.append((batch.groups(groups), scores.groups(groups), [prompt_texts[g] for g in groups]))
+            kept.append((batch.groups(groups), scores.groups(groups), [train_set.texts[idx[g]] for g in groups]))
             rounds += 1
             if (not cfg.dynamic_sampling or rounds == cfg.dynamic_sampling_max_rounds
                     or collectives.all_reduce_scalars([float(need)], "max")[0] == 0):
@@ -254,7 +264,7 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
             log.samples(step, [t for t in prompt_texts for _ in range(G)], batch.texts, scores.total.tolist(), kept_solved,
                         cfg.num_completion_samples)
         if eval_set is not None and (step == cfg.max_steps or (cfg.eval_steps and step % cfg.eval_steps == 0)):
-            metrics.update(evaluate(rollout, eval_set, rewards, cfg, info))
+            metrics.update(evaluate(rollout, eval_set, rewards, cfg, info, TrainerState(step, cfg.max_steps)))
         log.log(step, metrics)
         if main and (step % cfg.logging_steps == 0 or step == cfg.max_steps):
             progress.update(step, metrics)

@@ -100,7 +100,7 @@ def test_template_without_system_or_prefix(tokenizer):
         (ROW, R1_COUNTDOWN, None, "no chat template"),
         ({"messages": [{"role": "user"}]}, None, CHATML, "each message must be"),
         ({"messages": "hello"}, None, CHATML, "non-empty lists of messages"),
-        ({"prompt": ["a", "b"]}, None, CHATML, "must hold strings"),
+        ({"prompt": ["a", "b"]}, None, CHATML, "each message must be"),
     ],
 )
 def test_render_errors(row, template, chat, message):

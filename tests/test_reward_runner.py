@@ -50,7 +50,7 @@ def test_weights_none_and_metrics():
 
 
 def test_all_none_reward_logs_nan_mean():
-    s = score([Reward(lambda c, **kw: [None] * len(c), name="never")])
+    s = score([Reward(lambda completions, **kw: [None] * len(completions), name="never")])
     assert s.total.tolist() == [0.0] * 4
     assert math.isnan(s.metrics()["reward/never/mean"]) and math.isnan(s.metrics()["reward/never/group_std"])
 
@@ -142,7 +142,7 @@ def test_generator_errors_count_as_the_reward_raising():
 
 
 def test_numpy_values_are_accepted():
-    s = score([Reward(lambda c, **kw: np.array([0, 1, 0, 1], dtype=np.int64), name="np")])
+    s = score([Reward(lambda completions, **kw: np.array([0, 1, 0, 1], dtype=np.int64), name="np")])
     assert s.per_reward["np"] == [0.0, 1.0, 0.0, 1.0]
 
 
@@ -219,6 +219,9 @@ def test_reward_definition_is_checked():
         (dict(prompts=["p"]), ValueError, "1 prompts for 4 completions"),
         (dict(columns={"target": [1, 2]}), ValueError, "column 'target' has 2 values for 4 completions"),
         (dict(columns={"prompts": PROMPTS}), ValueError, "would shadow"),
+        (dict(columns={"trainer_state": [1] * 4}), ValueError, "would shadow"),
+        (dict(completion_ids=[[1]]), ValueError, "1 completion_ids for 4 completions"),
+        (dict(rewards=[Reward(lambda c, **kw: c, name="c")]), ValueError, r"reward .c. needs argument\(s\) \[.c.\]"),
         (dict(on_error="ignore"), ValueError, "on_error must be one of"),
         (dict(timeout_s=0), ValueError, "timeout_s must be > 0"),
     ],

@@ -7,6 +7,8 @@ Task: the reward `says_a` is the fraction of completion words that are "a" (~1/3
     python tests/tiny_task.py MODEL_DIR OUT_DIR [--reward=NAME] [--resume] [key=value ...]
 
 --reward=NAME  train on one of REWARDS (default says_a)
+--conversational  a dataset in TRL's conversational format (a `prompt` column of messages ending in
+               an assistant prefill); the model needs a chat template (`with_chat_template`)
 --audit-collectives  fail if minigrpo calls a torch.distributed collective other than through
                minigrpo/collectives.py (see tests/test_collectives.py)
 Run as a script so each training run gets a fresh process (vLLM and DeepSpeed keep global state).
@@ -64,7 +66,44 @@ def starts_with_a(completions, **_):
     return [1.0 if c.split()[:1] == ["a"] else 0.0 for c in completions]
 
 
-REWARDS = {f.__name__: f for f in (says_a, says_a_negated, starts_with_a)}
+def says_a_trl(prompts, completions, completion_ids, trainer_state, **kwargs):
+    """`says_a` written the way TRL's documentation writes a conversational reward, checking on the way
+    that it receives what TRL passes: prompts as messages without the prefill, completions as one
+    assistant message that starts with the prefill, the token ids, and the trainer state."""
+    contents = [completion[0]["content"] for completion in completions]
+    for prompt, completion, content, ids in zip(prompts, completions, contents, completion_ids):
+        words = content[len(PREFILL):].split()  # TRL: content = prefill + text (the word tokenizer decodes no space)
+        if not (prompt[-1]["role"] == "user" and completion[0]["role"] == "assistant" and content.startswith(PREFILL)
+                and sum(i > 2 for i in ids) == len(words)  # ids 0-2 (pad, eos, unk) decode to nothing
+                and isinstance(trainer_state.global_step, int)):
+            raise TypeError(f"not what TRL passes: {prompt!r} {completion!r} {ids!r} {trainer_state!r}")
+    return says_a([c[len(PREFILL):] for c in contents])
+
+
+REWARDS = {f.__name__: f for f in (says_a, says_a_negated, starts_with_a, says_a_trl)}
+PREFILL = "x1"  # the conversational dataset's assistant prefill
+
+
+def conversational_dataset(n: int = 64, seed: int = 0):
+    """`tiny_dataset` in TRL's conversational format: the prompt as a user message plus an assistant prefill."""
+    from datasets import Dataset
+
+    plain = tiny_dataset(n, seed)
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": p}, {"role": "assistant", "content": PREFILL}]
+                                         for p in plain["prompt"]]})
+
+
+def with_chat_template(model_dir: Path, dest: Path) -> Path:
+    """A copy of the tiny model whose tokenizer has a chat template: the messages' contents joined by spaces."""
+    import json
+    import shutil
+
+    shutil.copytree(model_dir, dest)
+    config = json.loads((dest / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}{{ m['content'] }}{% if not loop.last %} {% endif %}{% endfor %}"
+                               "{% if add_generation_prompt %} {% endif %}")
+    (dest / "tokenizer_config.json").write_text(json.dumps(config))
+    return dest
 
 
 def tiny_dataset(n: int = 64, seed: int = 0):
@@ -149,7 +188,8 @@ def main(argv: list[str]) -> None:
     # the library defaults, then the tiny task's, then the caller's
     cfg = Config.load(None, TINY_DEFAULTS + [f"model={model_dir}", f"output_dir={out_dir}"] + overrides)
     reward = REWARDS[flags.get("reward", "says_a")]
-    train(cfg, [reward], tiny_dataset(), tiny_dataset(16, seed=1), template=None, resume="resume" in flags)
+    data = conversational_dataset if "conversational" in flags else tiny_dataset
+    train(cfg, [reward], data(), data(16, seed=1), template=None, resume="resume" in flags)
     print(out_dir)
 
 

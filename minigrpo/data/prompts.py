@@ -6,8 +6,11 @@ A row becomes prompt text in one of three ways (`render_prompt`):
    (`str.format`, e.g. "{nums}", "{target}"), and its `assistant_prefix` as the start of the
    assistant's reply, which the model continues (`R1_COUNTDOWN` ends the prompt inside `<think>`);
 2. no template and the row has a `messages` column (a list of {"role", "content"}): those messages;
-3. no template and the row has a `prompt` column (a string): it is the user message, or the raw
-   prompt text when the tokenizer has no chat template (a base model).
+3. no template and the row has a `prompt` column: a string is the user message, or the raw prompt
+   text when the tokenizer has no chat template (a base model); a list of messages (TRL's
+   conversational format) is those messages, a final assistant message being the start of the reply.
+   Rewards then receive the column's values as `prompts` (as TRL passes them; conversational
+   completions come as messages too: see `minigrpo.rewards.runner`).
 
 Training on your own dataset: give it a `prompt` (or `messages`) column and any other columns your
 reward functions need; every column reaches each reward as a keyword argument, aligned with the
@@ -88,10 +91,10 @@ def render_prompt(tokenizer, row: Mapping, template: PromptTemplate | None = Non
     if template is not None:
         messages = template.messages(row)
     elif "messages" in row:
-        messages = _checked_messages(row["messages"])
+        messages = _checked_messages(row["messages"], "messages")
+    elif "prompt" in row and not isinstance(row["prompt"], str):
+        messages = _checked_messages(row["prompt"], "prompt")  # TRL's conversational format
     elif "prompt" in row:
-        if not isinstance(row["prompt"], str):
-            raise ValueError(f"the 'prompt' column must hold strings, got {type(row['prompt']).__name__}")
         if not has_chat_template:
             return row["prompt"]
         messages = [{"role": "user", "content": row["prompt"]}]
@@ -147,9 +150,11 @@ def tokenize_prompts(
     return [list(seq) for seq in ids]
 
 
-def _checked_messages(messages) -> list[dict[str, str]]:
+def _checked_messages(messages, column: str) -> list[dict[str, str]]:
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
-        raise ValueError(f"the 'messages' column must hold non-empty lists of messages, got {messages!r:.80}")
+        raise ValueError(f"the {column!r} column must hold strings or non-empty lists of messages, got {messages!r:.80}"
+                         if column == "prompt" else
+                         f"the {column!r} column must hold non-empty lists of messages, got {messages!r:.80}")
     for m in messages:
         if not (isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise ValueError(f"each message must be {{'role': str, 'content': str}}, got {m!r:.80}")

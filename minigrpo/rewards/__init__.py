@@ -1,10 +1,12 @@
 """Rewards: the reward protocol and its runner, and the Countdown rewards.
 
-A reward is any callable `fn(completions, **columns) -> list[float | None]` (TRL's signature);
-`score_completions` runs a weighted list of them under a hard time limit and fails loudly.
+A reward is any callable TRL could call, `fn(prompts=, completions=, completion_ids=, trainer_state=,
+**columns) -> list[float | None]`, by keyword (see `runner`); `score_completions` runs a weighted list
+of them under a hard time limit and fails loudly.
 """
 
 from minigrpo.rewards.countdown import (
+    completion_text,
     equation_reward,
     extract_answer,
     format_reward,
@@ -14,14 +16,24 @@ from minigrpo.rewards.countdown import (
 )
 from minigrpo.rewards.expression import InvalidExpression, evaluate_answer
 from minigrpo.rewards.isolation import RewardError
-from minigrpo.rewards.runner import Reward, RewardScores, RewardWarning, repeat_columns, score_completions
+from minigrpo.rewards.runner import (
+    REWARD_ARGUMENTS,
+    Reward,
+    RewardScores,
+    RewardWarning,
+    repeat_columns,
+    score_completions,
+    trl_prompts_and_completions,
+)
 
 __all__ = [
+    "REWARD_ARGUMENTS",
     "InvalidExpression",
     "Reward",
     "RewardError",
     "RewardScores",
     "RewardWarning",
+    "completion_text",
     "equation_reward",
     "evaluate_answer",
     "extract_answer",
@@ -31,4 +43,5 @@ __all__ = [
     "repeat_columns",
     "score_completions",
     "tag_reward",
+    "trl_prompts_and_completions",
 ]

@@ -9,6 +9,11 @@ well-formed completion looks like
     I add 55 and 36 ... so 55 + 36 - 7 - 19 works.</think>
     <answer> 55 + 36 - 7 - 19 </answer>
 
+A completion may also come as TRL's conversational form, `[{"role": "assistant", "content": ...}]`,
+whose content is the whole reply, prefill included: the rewards judge what follows its first
+`<think>` (`completion_text`), so the same reply scores the same in both forms; a reply that never
+opens `<think>` fails the format (`equation_reward` still reads its answer, as for a string).
+
 Both functions work by `str.find`/`rfind` and `str.count` rather than backtracking regexes, so a
 hostile completion of a megabyte costs linear time, not quadratic.
 
@@ -81,12 +86,33 @@ def is_correct_equation(completion: str, target: int, numbers: Sequence[int]) ->
     return value == target and (claimed is None or claimed == target)
 
 
-def format_reward(completions: list[str], **columns) -> list[float]:
+def completion_text(completion: str | Sequence[dict]) -> str:
+    """The text the Countdown checks read: a string as is; of a conversational completion (a list of
+    messages, the last being the assistant's reply), what follows the reply's first `<think>`, or the
+    whole reply when it has none (`opens_think` is then False, and the format rewards score 0).
+
+    >>> completion_text([{"role": "assistant", "content": "Let me see. <think>2+2</think>"}])
+    '2+2</think>'
+    """
+    if isinstance(completion, str):
+        return completion
+    content = completion[-1]["content"]
+    start = content.find(THINK_OPEN)
+    return content if start < 0 else content[start + len(THINK_OPEN):]
+
+
+def opens_think(completion: str | Sequence[dict]) -> bool:
+    """Whether the reasoning block was opened: always for a string (the prompt opened it), and for a
+    conversational completion when its reply contains `<think>` (the prefill's or the model's)."""
+    return isinstance(completion, str) or THINK_OPEN in completion[-1]["content"]
+
+
+def format_reward(completions: list, **columns) -> list[float]:
     """1.0 for each completion that `is_well_formatted`, else 0.0. Ignores the dataset columns."""
-    return [1.0 if is_well_formatted(c) else 0.0 for c in completions]
+    return [1.0 if opens_think(c) and is_well_formatted(completion_text(c)) else 0.0 for c in completions]
 
 
-def tag_reward(completions: list[str], **columns) -> list[float]:
+def tag_reward(completions: list, **columns) -> list[float]:
     """Partial credit on the way to `is_well_formatted`: 0.25 per milestone reached, in order.
 
     1. `</think>` appears exactly once and `<think>` never (the prompt opened the block);
@@ -102,9 +128,9 @@ def tag_reward(completions: list[str], **columns) -> list[float]:
     strict `format_reward` as the format rate. Ignores the dataset columns.
     """
     scores = []
-    for c in completions:
-        score = 0.0
-        if c.count(THINK_CLOSE) == 1 and not c.count(THINK_OPEN):
+    for completion in completions:
+        c, score = completion_text(completion), 0.0
+        if opens_think(completion) and c.count(THINK_CLOSE) == 1 and not c.count(THINK_OPEN):
             score += 0.25
             after_think = c.split(THINK_CLOSE)[1]
             start = after_think.find(ANSWER_OPEN)
@@ -117,11 +143,11 @@ def tag_reward(completions: list[str], **columns) -> list[float]:
     return scores
 
 
-def equation_reward(completions: list[str], target: Sequence, nums: Sequence, **columns) -> list[float]:
+def equation_reward(completions: list, target: Sequence, nums: Sequence, **columns) -> list[float]:
     """1.0 for each completion whose last answer is a correct equation (`is_correct_equation`), else 0.0.
 
     Args:
-        completions: [N] completion texts.
+        completions: [N] completion texts (or conversational completions, see `completion_text`).
         target: [N] targets, ints or integer strings ("65").
         nums: [N] number lists: lists of ints, numpy arrays, or lists of integer strings.
 
@@ -137,7 +163,7 @@ def equation_reward(completions: list[str], target: Sequence, nums: Sequence, **
     for c, t, ns in zip(completions, target, nums):
         if isinstance(ns, str):  # e.g. "[1, 2, 3]" from a CSV that was not parsed
             raise ValueError(f"nums must be a list of integers, got the string {ns!r}")
-        scores.append(1.0 if is_correct_equation(c, as_int(t), [as_int(x) for x in ns]) else 0.0)
+        scores.append(1.0 if is_correct_equation(completion_text(c), as_int(t), [as_int(x) for x in ns]) else 0.0)
     return scores
 
 

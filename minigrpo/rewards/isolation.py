@@ -21,6 +21,8 @@ child exits; files it writes persist. Use `isolate=False` in `score_completions`
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import math
 import multiprocessing
 import numbers
@@ -50,25 +52,32 @@ class Outcome:
 
 def call_reward(
     fn: Callable,
-    completions: list[str],
-    prompts: list,
-    columns: dict[str, Sequence],
+    aligned: dict[str, list],
+    shared: dict[str, object],
     on_retry: Callable[[], None] = lambda: None,
 ) -> Outcome:
-    """Call `fn(completions, prompts=prompts, **columns)`; if it raises, call it once per completion.
+    """Call `fn` by keyword as TRL does; if it raises, call it once per completion.
 
     Args:
-        fn: a reward following the protocol; must return N numbers or None.
-        completions: [N] texts.  prompts: [N].  columns: name -> [N] values aligned with completions.
+        fn: a reward following the protocol (see `minigrpo.rewards.runner`); must return N numbers or
+            None. A coroutine function is run to completion (`asyncio.run`), as TRL allows.
+        aligned: name -> [N] values, one per completion: `completions`, `prompts`, `completion_ids`
+            and the dataset columns. Sliced for the per-completion calls.
+        shared: name -> one value for the whole batch (`trainer_state`). Never sliced.
         on_retry: called before the per-completion calls start (the forked child uses it to reset the
             parent's deadline).
+
+    `fn` receives the names its signature accepts (all of them when it takes `**kwargs`).
 
     Returns:
         An `Outcome`. Exceptions raised by `fn` are caught (as `Exception`, never bare) and recorded.
     """
-    n = len(completions)
+    n = len(aligned["completions"])
+    names = accepted_keywords(fn, [*aligned, *shared])
+    aligned = {k: v for k, v in aligned.items() if k in names}
+    shared = {k: v for k, v in shared.items() if k in names}
     try:
-        result = _materialize(fn(completions, prompts=prompts, **columns))
+        result = _materialize(fn(**aligned, **shared))
     except Exception as e:  # noqa: BLE001 - any error of user code is recorded, then re-judged per completion
         batch_tb = _format(e)
     else:
@@ -78,9 +87,9 @@ def call_reward(
     on_retry()
     outcome = Outcome(values=[], batch_traceback=batch_tb)
     for j in range(n):
-        one = {name: [col[j]] for name, col in columns.items()}
+        one = {name: [col[j]] for name, col in aligned.items()}
         try:
-            result = _materialize(fn([completions[j]], prompts=[prompts[j]], **one))
+            result = _materialize(fn(**one, **shared))
         except Exception as e:  # noqa: BLE001 - recorded with the completion index
             outcome.failures.append((j, _format(e)))
             outcome.values.append(None)
@@ -90,6 +99,25 @@ def call_reward(
             return Outcome(error=f"{error} (called on completion {j} alone)")
         outcome.values.extend(values)
     return outcome
+
+
+def accepted_keywords(fn: Callable, offered: Sequence[str]) -> set[str]:
+    """The names of `offered` that `fn` takes by keyword: all of them with `**kwargs`, else those it names.
+
+    Raises:
+        TypeError: `fn` needs an argument that is not offered (a positional-only one, or a name that
+            is neither a reward argument nor a dataset column), naming it.
+    """
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        names = set(offered)
+    else:
+        names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} & set(offered)
+    missing = [p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               and (p.kind is p.POSITIONAL_ONLY or p.name not in offered)]
+    if missing:
+        raise TypeError(f"needs argument(s) {missing}, but rewards are called by keyword with only {sorted(offered)}")
+    return names
 
 
 def validate_values(result, n: int) -> tuple[list[float | None] | None, str | None]:
@@ -122,9 +150,8 @@ def validate_values(result, n: int) -> tuple[list[float | None] | None, str | No
 def call_rewards_forked(
     fns: list[Callable],
     names: list[str],
-    completions: list[str],
-    prompts: list,
-    columns: dict[str, Sequence],
+    aligned: dict[str, list],
+    shared: dict[str, object],
     timeout_s: float,
 ) -> list[Outcome]:
     """`call_reward` for each function, in a forked child that is killed if one takes over `timeout_s`.
@@ -135,7 +162,7 @@ def call_rewards_forked(
     """
     ctx = multiprocessing.get_context("fork")
     receiver, sender = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(sender, fns, completions, prompts, columns), daemon=True)
+    child = ctx.Process(target=_child, args=(sender, fns, aligned, shared), daemon=True)
     # Flush first: the child flushes its inherited copy of any buffered output when it exits,
     # which would print that output twice.
     for stream in (sys.stdout, sys.stderr):
@@ -155,7 +182,7 @@ def call_rewards_forked(
             name = names[len(outcomes)]
             if not receiver.poll(timeout_s):
                 raise RewardError(
-                    f"reward {name!r} did not finish {phase} on {len(completions)} completions within "
+                    f"reward {name!r} did not finish {phase} on {len(aligned['completions'])} completions within "
                     f"timeout_s={timeout_s:g}; its process was killed"
                 )
             try:
@@ -182,9 +209,8 @@ def call_rewards_forked(
 def call_rewards_inline(
     fns: list[Callable],
     names: list[str],
-    completions: list[str],
-    prompts: list,
-    columns: dict[str, Sequence],
+    aligned: dict[str, list],
+    shared: dict[str, object],
     timeout_s: float,
 ) -> list[Outcome]:
     """`call_reward` for each function in this process: no hard deadline, so a hang hangs the caller.
@@ -194,25 +220,31 @@ def call_rewards_inline(
     outcomes = []
     for fn, name in zip(fns, names):
         start = time.perf_counter()
-        outcomes.append(call_reward(fn, completions, prompts, columns))
+        outcomes.append(call_reward(fn, aligned, shared))
         elapsed = time.perf_counter() - start
         if elapsed > timeout_s:
-            raise RewardError(f"reward {name!r} took {elapsed:.1f} s on {len(completions)} completions, "
+            raise RewardError(f"reward {name!r} took {elapsed:.1f} s on {len(aligned['completions'])} completions, "
                               f"over timeout_s={timeout_s:g}")
     return outcomes
 
 
-def _child(sender, fns, completions, prompts, columns) -> None:
+def _child(sender, fns, aligned, shared) -> None:
     """Body of the forked child: one ("done", Outcome) message per reward, in order."""
     for fn in fns:
-        outcome = call_reward(fn, completions, prompts, columns, on_retry=lambda: sender.send(("retrying", None)))
+        outcome = call_reward(fn, aligned, shared, on_retry=lambda: sender.send(("retrying", None)))
         sender.send(("done", outcome))
     sender.close()
 
 
 def _materialize(result):
-    """A generator's errors belong to the reward call, so run it inside the call's `try`."""
+    """A generator's or a coroutine's errors belong to the reward call, so run it inside the call's `try`."""
+    if inspect.isawaitable(result):  # an `async def` reward (TRL runs those too)
+        result = asyncio.run(_wait(result))
     return list(result) if isinstance(result, Iterator) else result
+
+
+async def _wait(awaitable):
+    return await awaitable
 
 
 def _format(e: BaseException) -> str:

@@ -3,14 +3,27 @@
 Legend: P prompts, G completions per prompt (`group_size`), N = P*G completions, prompt-major:
 completions p*G .. p*G+G-1 belong to prompt p.
 
-The reward protocol is TRL's: a reward is any callable
+The reward protocol is TRL's: a reward is any callable, called once per batch by keyword,
 
-    fn(completions: list[str], **columns) -> list[float | None]
+    fn(prompts=..., completions=..., completion_ids=..., trainer_state=..., **columns) -> list[float | None]
 
-called once per batch. `columns` are the dataset's columns for each completion's prompt (lists of
-length N, aligned with `completions`; `repeat_columns` builds them from per-prompt columns) plus
-`prompts`. `None` means "does not apply to this completion": it counts as 0 in the total and is left
-out of that reward's logged mean.
+- `completions`: [N] completion texts; for a conversational prompt (a list of messages, TRL's
+  conversational format) the completion is `[{"role": "assistant", "content": prefill + text}]`, where
+  `prefill` is the content of a final assistant message of the prompt (which then leaves `prompts`,
+  as in TRL).
+- `prompts`: [N] the prompt of each completion: the dataset's `prompt` value (a string or a list of
+  messages) when it has that column, else the rendered prompt text.
+- `completion_ids`: [N] lists of the completion's token ids (when the caller has them).
+- `trainer_state`: one object for the batch, not a list (`minigrpo.trainer.TrainerState`:
+  `global_step`, `max_steps`), for rewards that change with training progress.
+- `columns`: the dataset's other columns, [N] each, aligned with `completions` (`repeat_columns`
+  builds them from per-prompt columns).
+
+A reward receives the names its signature accepts: all of them with `**kwargs` (TRL requires that;
+here it is optional), else the ones it names. A parameter without a default that none of these fills
+is an error before any reward runs. `async def` rewards are run to completion. `None` means "does
+not apply to this completion": it counts as 0 in the total and is left out of that reward's logged
+mean.
 
 Failures are loud. A reward that raises is re-called one completion at a time to find the
 completions it raises on; under `on_error="zero"` (default) those score 0, are counted in
@@ -39,11 +52,12 @@ from dataclasses import dataclass
 
 import torch
 
-from minigrpo.rewards.isolation import RewardError, call_rewards_forked, call_rewards_inline
+from minigrpo.rewards.isolation import RewardError, accepted_keywords, call_rewards_forked, call_rewards_inline
 
 _SHOWN_CHARS = 200  # how much of an offending completion a warning or error shows
 _SHOWN_FAILURES = 3  # how many offending completions one warning shows
 _ON_ERROR = ("zero", "raise")
+REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state")  # what TRL passes besides columns
 
 
 class RewardWarning(UserWarning):
@@ -121,6 +135,8 @@ def score_completions(
     columns: dict[str, Sequence],
     group_size: int,
     *,
+    completion_ids: Sequence[Sequence[int]] | None = None,
+    trainer_state: object | None = None,
     on_error: str = "zero",
     timeout_s: float = 60.0,
     isolate: bool = True,
@@ -129,10 +145,13 @@ def score_completions(
 
     Args:
         rewards: the rewards, with weights and unique names.
-        completions: [N] completion texts, prompt-major in groups of `group_size`.
-        prompts: [N] the prompt of each completion (passed to rewards as `prompts=`).
+        completions: [N] completion texts, prompt-major in groups of `group_size`; rewards receive
+            them as messages where the prompt is a list of messages (see the module docstring).
+        prompts: [N] the prompt of each completion: a string or a list of messages.
         columns: dataset column name -> [N] values aligned with `completions` (see `repeat_columns`).
         group_size: G; N must be a multiple of it.
+        completion_ids: [N] token ids of each completion, passed as `completion_ids=` (omitted if None).
+        trainer_state: passed as `trainer_state=` (omitted if None).
         on_error: "zero" (a completion a reward raises on scores 0, with a counted `RewardWarning`)
             or "raise" (`RewardError` naming the reward and the completion).
         timeout_s: time limit for each reward's call on the batch (and again for its per-completion
@@ -149,10 +168,15 @@ def score_completions(
         ValueError: inconsistent arguments.  RewardError: see the module docstring.
     """
     n = len(completions)
-    _check_arguments(rewards, completions, prompts, columns, group_size, on_error, timeout_s)
+    shared = {} if trainer_state is None else {"trainer_state": trainer_state}
+    _check_arguments(rewards, completions, prompts, columns, completion_ids, shared, group_size, on_error, timeout_s)
+    prompts, as_given = trl_prompts_and_completions(list(prompts), list(completions))
+    aligned = {"completions": as_given, "prompts": prompts, **columns}
+    if completion_ids is not None:
+        aligned["completion_ids"] = [list(ids) for ids in completion_ids]
     names = [r.name for r in rewards]
     call = call_rewards_forked if isolate else call_rewards_inline
-    outcomes = call([r.fn for r in rewards], names, list(completions), list(prompts), dict(columns), timeout_s)
+    outcomes = call([r.fn for r in rewards], names, aligned, shared, timeout_s)
 
     per_reward: dict[str, list[float | None]] = {}
     num_failures: dict[str, int] = {}
@@ -213,7 +237,33 @@ def repeat_columns(columns: dict[str, Sequence], group_size: int) -> dict[str, l
     return {name: [v for v in col for _ in range(group_size)] for name, col in columns.items()}
 
 
-def _check_arguments(rewards, completions, prompts, columns, group_size, on_error, timeout_s) -> None:
+def trl_prompts_and_completions(prompts: list, completions: list[str]) -> tuple[list, list]:
+    """What rewards receive as `prompts` and `completions`, the way TRL builds them.
+
+    A prompt that is a list of messages (conversational) makes its completion the assistant message
+    `[{"role": "assistant", "content": prefill + text}]`, where `prefill` is the content of the
+    prompt's final assistant message (the start of the reply the model continued), which leaves the
+    prompt. Other prompts and their completions pass unchanged.
+
+    >>> trl_prompts_and_completions([[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>"}]],
+    ...                             ["4</think>"])
+    ([[{'role': 'user', 'content': '2+2?'}]], [[{'role': 'assistant', 'content': '<think>4</think>'}]])
+    """
+    out_prompts, out_completions = [], []
+    for prompt, text in zip(prompts, completions):
+        if isinstance(prompt, (list, tuple)):
+            prefilled = bool(prompt) and prompt[-1]["role"] == "assistant"
+            prefill = prompt[-1]["content"] if prefilled else ""
+            out_prompts.append(list(prompt[:-1]) if prefilled else list(prompt))
+            out_completions.append([{"role": "assistant", "content": prefill + text}])
+        else:
+            out_prompts.append(prompt)
+            out_completions.append(text)
+    return out_prompts, out_completions
+
+
+def _check_arguments(rewards, completions, prompts, columns, completion_ids, shared, group_size, on_error,
+                     timeout_s) -> None:
     n = len(completions)
     if not rewards:
         raise ValueError("score_completions needs at least one Reward")
@@ -228,11 +278,19 @@ def _check_arguments(rewards, completions, prompts, columns, group_size, on_erro
         raise ValueError(f"{n} completions are not whole groups of group_size={group_size}")
     if len(prompts) != n:
         raise ValueError(f"{len(prompts)} prompts for {n} completions")
+    if completion_ids is not None and len(completion_ids) != n:
+        raise ValueError(f"{len(completion_ids)} completion_ids for {n} completions")
     for name, col in columns.items():
-        if name in ("completions", "prompts"):
+        if name in REWARD_ARGUMENTS:
             raise ValueError(f"column {name!r} would shadow the reward argument of that name")
         if len(col) != n:
             raise ValueError(f"column {name!r} has {len(col)} values for {n} completions")
+    offered = ["prompts", "completions", *(["completion_ids"] if completion_ids is not None else []), *shared, *columns]
+    for reward in rewards:
+        try:
+            accepted_keywords(reward.fn, offered)
+        except TypeError as e:
+            raise ValueError(f"reward {reward.name!r} {e} (TRL's protocol: the texts come as `completions=`)") from None
     if on_error not in _ON_ERROR:
         raise ValueError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}")
     if not timeout_s > 0:
