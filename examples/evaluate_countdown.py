@@ -2,6 +2,7 @@
 
     python examples/evaluate_countdown.py --model smollm2-135m-instruct
     python examples/evaluate_countdown.py --model outputs/countdown-learn/checkpoints/step-000060/model
+    python examples/evaluate_countdown.py --model outputs/lora-run/checkpoints/step-000060   # LoRA: merged first
 
 The tasks are the test split that `examples/countdown.py` holds out with the same recipe (same
 dataset, dataset_size, test_size and seed), so a base model and its trained checkpoint are scored
@@ -10,12 +11,14 @@ on the same tasks. One greedy completion per task with the vLLM engine.
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 from minigrpo import Config
 from minigrpo.batching import prepare_prompts
 from minigrpo.data import R1_COUNTDOWN, load_countdown
 from minigrpo.evaluation import greedy_sampling
+from minigrpo.lora import adapter_folder, export_merged
 from minigrpo.models import load_tokenizer, resolve_model
 from minigrpo.rewards import Reward, equation_reward, format_reward, score_completions
 from minigrpo.rollout import make_engine
@@ -36,7 +39,11 @@ def main() -> None:
 
     test = load_countdown(cfg.dataset, num_samples=cfg.dataset_size, test_size=cfg.test_size, seed=cfg.seed)["test"]
     test = test.select(range(min(args.num, len(test))))
-    path = resolve_model(args.model, cfg.model_cache_dir)
+    adapter = adapter_folder(args.model)
+    if adapter is not None:  # a LoRA checkpoint: vLLM gets the base with the adapter merged in
+        path = export_merged(adapter, Path(tempfile.mkdtemp(prefix="minigrpo-merged-")), cfg.dtype)
+    else:
+        path = resolve_model(args.model, cfg.model_cache_dir)
     tokenizer = load_tokenizer(path)
     tasks = prepare_prompts(test, tokenizer, R1_COUNTDOWN, cfg.max_prompt_length)
     engine = make_engine("vllm", path, dtype=cfg.dtype, seed=cfg.seed,

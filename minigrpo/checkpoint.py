@@ -2,8 +2,12 @@
 
 A checkpoint folder holds:
     model/                 Hugging Face folder (config, safetensors, tokenizer): loads as-is in
-                           transformers (`from_pretrained`) and vLLM.
-    deepspeed/             DeepSpeed engine state: optimizer, LR schedule, (ZeRO) partitions.
+                           transformers (`from_pretrained`) and vLLM. Full fine-tuning only.
+    adapter/               LoRA only, instead of model/: the adapter in peft's format
+                           (adapter_config.json, adapter_model.safetensors) plus the tokenizer;
+                           `examples/export_merged.py` writes the merged model.
+    deepspeed/             DeepSpeed engine state: optimizer, LR schedule, (ZeRO) partitions
+                           (with LoRA: the adapters and their optimizer state only).
     trainer_state.json     step, data position, skipped-step counters, and the settings that fix
                            the data order (checked on resume).
     rng_rank{r}.json / .safetensors   each rank's Python, NumPy and torch RNG states.
@@ -24,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from minigrpo import collectives
+from minigrpo import collectives, lora
 
 _NAME = re.compile(r"^step-(\d{6,})$")
 
@@ -79,9 +83,10 @@ def prune(output_dir: Path, keep: int) -> None:
         shutil.rmtree(p)
 
 
-def save(output_dir: Path, step: int, policy, tokenizer, state: dict, rank: int, keep: int) -> Path:
+def save(output_dir: Path, step: int, policy, tokenizer, state: dict, rank: int, keep: int,
+         adapter: dict | None = None) -> Path:
     """Write checkpoint `step` atomically; every rank calls it (the DeepSpeed save and the ZeRO-3
-    gather are collective)."""
+    gather are collective). `adapter` (LoRA): `lora.save_adapter`'s rank, alpha, targets, base_model."""
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
@@ -92,11 +97,16 @@ def save(output_dir: Path, step: int, policy, tokenizer, state: dict, rank: int,
     policy.save_checkpoint(str(tmp / "deepspeed"), client_state=state)
     weights = {}
     for name, tensor in policy.full_weights():  # collective under ZeRO-3: every rank iterates
-        if rank == 0:  # only rank 0 writes, so only it keeps a (CPU) copy; GPUs hold one chunk at most
+        # only rank 0 writes, so only it keeps a (CPU) copy; GPUs hold one chunk at most
+        if rank == 0 and (adapter is None or name.rpartition(".")[2] in ("lora_A", "lora_B")):
             weights[name] = tensor.to("cpu", copy=True)
     if rank == 0:
-        policy.module.save_pretrained(tmp / "model", state_dict=weights)
-        tokenizer.save_pretrained(tmp / "model")
+        if adapter is None:
+            policy.module.save_pretrained(tmp / "model", state_dict=weights)
+            tokenizer.save_pretrained(tmp / "model")
+        else:
+            lora.save_adapter(tmp / "adapter", lora.peft_names(weights), **adapter)
+            tokenizer.save_pretrained(tmp / "adapter")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
     save_rng(tmp, rank)
     collectives.barrier()

@@ -119,6 +119,14 @@ class Config:
     logprob_chunk_tokens: int | None = None  # tokens per LM-head chunk; None: ~256 MB of logits
     max_nonfinite_steps: int = 3  # this many skipped (NaN/inf) steps in a row stop the run
 
+    # -- LoRA (minigrpo/lora.py): 0 = full fine-tuning. With lora_rank > 0 only the adapters train,
+    # the reference is the policy with its adapters off (no second model), and the engine receives
+    # the merged weights. lora_target_modules: leaf names of the blocks' Linears; null = all of them.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_target_modules: list[str] | None = None
+    lora_dropout: float = 0.0  # must be 0: the log-probability passes must be deterministic
+
     # -- rewards
     # Names of functions in minigrpo.rewards, for scripts that build their reward list from the
     # recipe (examples/countdown.py). train() itself takes the callables and does not read this.
@@ -218,6 +226,13 @@ class Config:
              "probability outside it, so no importance weight corrects toward the trainer's policy")
         need(math.isfinite(self.entropy_coef), "entropy_coef", "must be a finite number")
         need(1 <= self.dynamic_sampling_max_rounds <= 64, "dynamic_sampling_max_rounds", "must be in 1..64")
+        need(self.lora_rank >= 0, "lora_rank", "must be >= 0 (0: full fine-tuning)")
+        need(self.lora_alpha > 0, "lora_alpha", "must be > 0")
+        need(self.lora_dropout == 0, "lora_dropout",
+             "must be 0: dropout would make the policy's log-probabilities random, and the loss compares them "
+             "with the reference's and the engine's")
+        need(self.lora_target_modules is None or len(self.lora_target_modules) > 0, "lora_target_modules",
+             "must name at least one module (or null: every Linear of the blocks)")
         need(self.learning_rate > 0, "learning_rate", "must be > 0")
         need(self.lr_scheduler_type in ("cosine", "constant"), "lr_scheduler_type", "must be cosine or constant")
         need(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minigrpo import collectives
+from minigrpo import collectives, lora
 from minigrpo.config import Config, ConfigError, Layout, load_deepspeed_config
 from minigrpo.models import disable_dropout
 from minigrpo.scoring import completion_logprobs
@@ -171,6 +171,8 @@ class PolicyEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
         self.zero_stage = self.engine.zero_optimization_stage()
+        self.adapted = lora.adapted_modules(model)  # LoRA: module paths with adapters; empty: full fine-tuning
+        self.lora_scaling = cfg.lora_alpha / cfg.lora_rank if self.adapted else None
 
     @property
     def module(self) -> torch.nn.Module:
@@ -297,6 +299,14 @@ class PolicyEngine:
                 yield from copies
                 chunk, size = [], 0
 
+    def pushed_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """What the rollout engine samples from, in Hugging Face naming: `full_weights`, with LoRA
+        merged into the base weights (W + s B A) and the adapter tensors left out. Collective under
+        ZeRO-3, like `full_weights`."""
+        if not self.adapted:
+            return self.full_weights()
+        return lora.merged(self.full_weights(), self.adapted, self.lora_scaling)
+
     def checksum_views(self) -> tuple[list[tuple[int, torch.Tensor]], list[tuple[int, torch.Tensor]]]:
         """What this rank holds of the weights, for the replica check (runtime.check_replicas):
         `(shards, replicas)`, lists of (parameter index, tensor). `shards` are this rank's parts of
@@ -321,11 +331,15 @@ class PolicyEngine:
         return shards, replicas
 
     def save_checkpoint(self, path: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(path, tag="deepspeed", client_state=client_state)
+        # With LoRA the frozen base weights are not saved: the run reloads them from its model.
+        self.engine.save_checkpoint(path, tag="deepspeed", client_state=client_state,
+                                    exclude_frozen_parameters=bool(self.adapted))
 
     def load_checkpoint(self, path: str) -> dict:
         """Restores weights, optimizer, scheduler; returns the client state saved with them."""
-        _, client = self.engine.load_checkpoint(path, tag="deepspeed")
+        # LoRA: the checkpoint holds the adapters only; the base weights are already loaded, hence
+        # not strict (DeepSpeed 0.19.8 passes it to the module's load_state_dict).
+        _, client = self.engine.load_checkpoint(path, tag="deepspeed", load_module_strict=not self.adapted)
         if client is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {path}")
         return client

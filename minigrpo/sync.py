@@ -24,7 +24,7 @@ def sync_weights(rollout, policy, probe_ids: list[int], atol: float | None) -> N
     if rollout.shares_policy_weights:
         return
     probe = Probe(tuple(probe_ids), tuple(probe_logprobs(policy, probe_ids)), atol) if atol is not None else None
-    rollout.push_weights(policy.full_weights(), probe)
+    rollout.push_weights(policy.pushed_weights(), probe)  # LoRA: merged
 
 
 def probe_logprobs(policy, probe_ids: list[int]) -> list[float]:

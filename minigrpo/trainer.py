@@ -15,6 +15,7 @@ every rank: `minigrpo.algo.normalize`), so the update does not depend on how the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from minigrpo import checkpoint as ckpt
-from minigrpo import collectives
+from minigrpo import collectives, lora
 from minigrpo.algo import (group_advantages, grpo_loss, loss_is_zero, loss_metric_names, pooled_std, spread_groups,
                            token_weights)
 from minigrpo.batching import prepare_prompts, prompt_indices, required_columns, rollout_seed
@@ -87,10 +88,17 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
     seed_everything(cfg.seed + info.rank)
     device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, cfg.dtype)
-    policy = PolicyEngine(load_causal_lm(model_path, dtype, cfg.trust_remote_code).to(device), cfg, layout)
-    reference = None  # never loaded when beta == 0
+    model = load_causal_lm(model_path, dtype, cfg.trust_remote_code).to(device)
+    adapter = None  # LoRA: what a checkpoint's adapter/ folder records
+    if cfg.lora_rank > 0:
+        targets = lora.add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
+        adapter = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "base_model": str(model_path),
+                   "targets": sorted({t.rpartition(".")[2] for t in targets})}
+    policy = PolicyEngine(model, cfg, layout)
+    reference = None  # never loaded when beta == 0; with LoRA the policy with its adapters off
     if cfg.beta > 0:
-        reference = load_causal_lm(model_path, dtype, cfg.trust_remote_code).to(device).eval().requires_grad_(False)
+        reference = policy if adapter else (
+            load_causal_lm(model_path, dtype, cfg.trust_remote_code).to(device).eval().requires_grad_(False))
     memory = {"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization, "kv_cache_gib": cfg.vllm_kv_cache_gib}
     rollout = make_engine(
         cfg.rollout, model_path, policy=policy.module, tokenizer=tokenizer, dtype=cfg.dtype,
@@ -176,8 +184,9 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
         zero = [g or (cfg.skip_zero_advantage and policy.can_skip_backward
                       and loss_is_zero(advantages[s], cfg.beta, cfg.entropy_coef)) for s, g in zip(micro, ghost)]
         with timer("reference"), torch.no_grad():
-            ref_lp = ([None if g else _score(reference, batch, s, cfg) for s, g in zip(micro, ghost)]
-                      if reference is not None else None)
+            with lora.adapters_disabled(policy.module) if reference is policy else contextlib.nullcontext():
+                ref_lp = ([None if g else _score(reference, batch, s, cfg) for s, g in zip(micro, ghost)]
+                          if reference is not None else None)
             old_lp = ([policy.ghost_forward() if g else None if z else _score(policy, batch, s, cfg)
                        for s, z, g in zip(micro, zero, ghost)] if cfg.num_iterations > 1 else None)
 
@@ -275,8 +284,8 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
         ):
             state = {"step": step, "data_position": position,
                      "nonfinite_skipped_steps": policy.optimizer.skipped, "nonfinite_in_a_row": nonfinite_in_a_row,
-                     "data_order": _data_order(cfg), "schedule": _schedule(cfg)}
-            saved = ckpt.save(out, step, policy, tokenizer, state, info.rank, cfg.save_total_limit)
+                     "data_order": _data_order(cfg), "schedule": _schedule(cfg), "lora": _lora(cfg)}
+            saved = ckpt.save(out, step, policy, tokenizer, state, info.rank, cfg.save_total_limit, adapter)
         if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
             raise RuntimeError(
                 f"{nonfinite_in_a_row} steps in a row had NaN/inf gradients and were skipped; stopping. "
@@ -311,6 +320,11 @@ def _schedule(cfg: Config) -> dict:
     return out
 
 
+def _lora(cfg: Config) -> dict:
+    return {k: getattr(cfg, k) for k in ("lora_rank", "lora_alpha", "lora_target_modules")} if cfg.lora_rank else {
+        "lora_rank": 0}
+
+
 def _check_same_run(state: dict, cfg: Config, folder: Path) -> None:
     """Refuse to resume with a different data order or schedule: the run would silently become
     another one. To train further, start a new run from the checkpoint's weights
@@ -318,12 +332,16 @@ def _check_same_run(state: dict, cfg: Config, folder: Path) -> None:
     checks = [("data order", state.get("data_order", {}), _data_order(cfg))]
     if "schedule" in state:  # checkpoints written before it was recorded have no schedule to compare
         checks.append(("schedule", state["schedule"], _schedule(cfg)))
+    # what the checkpoint's weights are: full, or adapters of this shape (older checkpoints: full)
+    checks.append(("LoRA setting", state.get("lora", {"lora_rank": 0}), _lora(cfg)))
     for what, saved, now in checks:
         changed = {k: (saved.get(k), now.get(k)) for k in {**saved, **now} if saved.get(k) != now.get(k)}
         if changed:
             detail = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items())
+            weights = (f"the merged model of examples/export_merged.py {folder}" if (folder / "adapter").is_dir()
+                       else f"model={folder}/model")
             raise ConfigError(f"cannot resume {folder} with a different {what} ({detail}); use the checkpoint's "
-                              f"values, or train further in a new output_dir with model={folder}/model")
+                              f"values, or train further in a new output_dir from {weights}")
 
 
 def _score(policy_or_reference, batch, s: slice, cfg: Config, with_entropy: bool = False):

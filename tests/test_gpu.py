@@ -4,7 +4,7 @@ so CI (CPU only) collects and skips them; each skip says why.
 One GPU, no model hub, no vLLM needed (tiny random models are built here): an NCCL group of one rank
 with minigrpo's collectives, a full GRPO step in bf16 with gradient checkpointing under DeepSpeed
 ZeRO-0, -2 and -3 (rollout=torch) with checkpoint and resume, the grad norm and train mode checks
-of tests/test_engine.py on the GPU, exact weight fingerprints of CUDA tensors, and the chunked
+of tests/test_engine.py on the GPU, a bf16 LoRA step with resume, exact weight fingerprints of CUDA tensors, and the chunked
 log-prob memory at Qwen2.5's vocabulary. With vLLM importable: the colocated vLLM step in bf16.
 With 2+ GPUs: two ranks with one colocated vLLM engine each, and the rollout server on its own GPU.
 """
@@ -74,6 +74,15 @@ def test_nccl_group_of_one_rank_takes_cpu_tensors_through_collectives(tmp_path):
     assert r == {"backend": "nccl", "device": 0, "value": [1.5, -2.0], "on": "cpu", "scalars": [3.0], "obj": {"k": 1}}
 
 
+def assert_step_2_resumes(model, out, resumed, args, rows) -> None:
+    """Resuming `out` from its step-1 checkpoint gives step 2's metrics again."""
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000002")
+    again = train(model, resumed, *args, "--resume")
+    for key in ("reward/total/mean", "kl", "grad_norm", "param_checksum"):
+        assert again[1][key] == pytest.approx(rows[1][key], rel=1e-6, abs=1e-9), key
+
+
 @pytest.mark.parametrize("stage", ["0", "2", "3"])
 def test_bf16_grpo_step_with_checkpointing_saves_and_resumes(tiny_model, tmp_path, stage):
     ds = () if stage == "0" else (f"deepspeed={ROOT / 'recipes' / f'deepspeed_zero{stage}.json'}",)
@@ -83,15 +92,23 @@ def test_bf16_grpo_step_with_checkpointing_saves_and_resumes(tiny_model, tmp_pat
     rows = train(tiny_model, out, *common)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(0 < r["grad_norm"] < 1e3 for r in rows) and all(r["nonfinite_skipped_steps"] == 0 for r in rows)
-    resumed = tmp_path / "resumed"
-    shutil.copytree(out, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-000002")
-    again = train(tiny_model, resumed, *common, "--resume")
-    for key in ("reward/total/mean", "kl", "grad_norm", "param_checksum"):
-        assert again[1][key] == pytest.approx(rows[1][key], rel=1e-6, abs=1e-9), key
+    assert_step_2_resumes(tiny_model, out, tmp_path / "resumed", common, rows)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step-000002" / "model", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("stage", ["0", "3"])
+def test_bf16_lora_step_saves_an_adapter_and_resumes(tiny_model, tmp_path, stage):
+    """LoRA in bf16 on the GPU: reference with adapters off, merged weights, adapter checkpoint, resume."""
+    ds = () if stage == "0" else (f"deepspeed={ROOT / 'recipes' / f'deepspeed_zero{stage}.json'}",)
+    common = ("rollout=torch", "dtype=bfloat16", "beta=0.04", "max_steps=2", "save_steps=1", "lora_rank=8",
+              "lora_alpha=16", "learning_rate=1e-2", *ds)
+    out = tmp_path / "run"
+    rows = train(tiny_model, out, *common)
+    assert all(0 < r["grad_norm"] < 1e3 for r in rows) and rows[1]["kl"] > 0
+    assert_step_2_resumes(tiny_model, out, tmp_path / "resumed", common, rows)
+    assert (out / "checkpoints" / "step-000002" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("stage, dtype", [("0", "bfloat16"), ("2", "bfloat16"), ("3", "bfloat16")])
