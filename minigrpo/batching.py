@@ -32,9 +32,9 @@ def prompt_indices(position: int, num_rows: int, prompts_per_step: int, seed: in
 def rollout_seed(seed: int, step: int, rank: int, world: int, completions: int, round_: int = 0) -> int:
     """The sampling seed of a rank's generation call at `step` (1-based) and generation round.
 
-    Engines give completion i of a call the seed `seed + i` (vLLM: request j, child c ->
-    seed + j * G + c), so each call owns the block [seed, seed + completions): blocks of different
-    (step, round, rank) never overlap (the old `step * 1009 + rank` gave ranks r and r + 1 all but
+    vLLM gives completion i of a call the seed `seed + i` (request j, child c -> seed + j * G + c)
+    and the torch engine seeds one generator per call with `seed`; either way each call owns the
+    block [seed, seed + completions), and blocks of different (step, round, rank) never overlap (the old `step * 1009 + rank` gave ranks r and r + 1 all but
     one seed in common). The run's seed picks a disjoint region of 2**62 / 2**20 seeds.
     """
     slot = ((step * _MAX_ROUNDS + round_) * world + rank) * completions  # start of this call's block
@@ -62,8 +62,9 @@ class PromptSet:
 
     texts: list[str]  # [rows] rendered prompt strings
     ids: list[list[int]]  # [rows] prompt token ids
-    prompts: list  # [rows] a reward's `prompts`: the `prompt` column (str or messages) if any, else `texts`
-    columns: dict[str, list]  # dataset column -> [rows], all but `prompt` (rewards get it as `prompts`)
+    prompts: list  # [rows] a reward's `prompts`: the `prompt` column (str or messages) when the prompt
+    #                was rendered from it, else `texts`
+    columns: dict[str, list]  # dataset column -> [rows], as `reward_columns` chooses
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -92,5 +93,14 @@ def prepare_prompts(dataset, tokenizer, template, max_prompt_length: int) -> Pro
 
     texts = [render_prompt(tokenizer, row, template) for row in dataset]
     ids = tokenize_prompts(tokenizer, texts, max_prompt_length)
-    columns = {c: list(dataset[c]) for c in dataset.column_names if c != "prompt"}
-    return PromptSet(texts, ids, list(dataset["prompt"]) if "prompt" in dataset.column_names else texts, columns)
+    columns = {c: list(dataset[c]) for c in reward_columns(dataset.column_names, template)}
+    from_column = "prompt" not in columns and "prompt" in dataset.column_names
+    return PromptSet(texts, ids, list(dataset["prompt"]) if from_column else texts, columns)
+
+
+def reward_columns(column_names: list[str], template) -> list[str]:
+    """The dataset columns rewards receive as keyword arguments: all of them, except `prompt` when
+    the prompt was rendered from it (no template, no `messages` column: `render_prompt`'s third
+    case), which rewards receive as `prompts` instead, as in TRL."""
+    from_prompt = template is None and "messages" not in column_names and "prompt" in column_names
+    return [c for c in column_names if not (from_prompt and c == "prompt")]

@@ -32,15 +32,20 @@ def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
             for i, k in enumerate(keys)}
 
 
-def combine_micro_metrics(stats: list[dict[str, float]], keys) -> dict[str, float]:
+def combine_micro_metrics(stats: list[dict[str, float]], keys, summed=(), per: int = 1) -> dict[str, float]:
     """One rank's step metrics `keys` from its micro-batches' loss metrics: the max of *_max keys,
-    the mean of the others, each over the micro-batches that report it (a skipped micro-batch
-    reports no entropy and no rollout correction); NaN where none does. Every rank returns the same
-    keys (`reduce_metrics` reduces them by position)."""
+    the sum of `summed` keys divided by `per` (loss terms: each micro-batch's is its share of the
+    step's, and every micro-batch ran `per` = num_iterations times; a ghost micro-batch adds an
+    exact 0, so no micro-batch gives 0), the mean of the others, each over the micro-batches that
+    report it (a skipped micro-batch reports no entropy and no rollout correction); NaN where none
+    does. Every rank returns the same keys (`reduce_metrics` reduces them by position)."""
     out = {}
     for k in keys:
         vals = [m[k] for m in stats if k in m and not math.isnan(m[k])]
-        out[k] = (max(vals) if k.endswith("_max") else sum(vals) / len(vals)) if vals else float("nan")
+        if k in summed:
+            out[k] = sum(vals) / per
+        else:
+            out[k] = (max(vals) if k.endswith("_max") else sum(vals) / len(vals)) if vals else float("nan")
     return out
 
 

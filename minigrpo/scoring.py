@@ -81,17 +81,16 @@ def completion_logprobs(
     ids = torch.tensor([completion_ids[r][c] for r, c in zip(rows, cols)], dtype=torch.long, device=device)  # [M]
     out = torch.zeros((b, t), dtype=torch.promote_types(hidden.dtype, torch.float32), device=device)  # [B, T]
     ent = torch.zeros_like(out)  # [B, T]
-    if len(ids):
-        if chunk_tokens is None:  # the config's vocabulary: a ZeRO-3 partitioned head weight has shape (0,)
-            chunk_tokens = max(1, CHUNK_LOGITS_BYTES // (4 * model.config.get_text_config().vocab_size))
-        lp, e = head_logprobs(model.get_output_embeddings(), h, ids, temperature, chunk_tokens, gathered,
-                              with_entropy=True) if with_entropy else (
-            head_logprobs(model.get_output_embeddings(), h, ids, temperature, chunk_tokens, gathered), None)  # [M]
-        where = (rows_t, torch.tensor(cols, dtype=torch.long, device=device))
-        out = out.index_put(where, lp)
-        ent = ent.index_put(where, e) if with_entropy else ent
-    elif torch.is_grad_enabled():
-        out = out + 0.0 * hidden.sum()  # every completion empty: keep a graph so backward is a no-op
+    # The head runs (and, under ZeRO-3, gathers its weight) even for M = 0 tokens: the collectives
+    # must not depend on this rank's data; its output then keeps a graph, so backward is a no-op.
+    if chunk_tokens is None:  # the config's vocabulary: a ZeRO-3 partitioned head weight has shape (0,)
+        chunk_tokens = max(1, CHUNK_LOGITS_BYTES // (4 * model.config.get_text_config().vocab_size))
+    lp, e = head_logprobs(model.get_output_embeddings(), h, ids, temperature, chunk_tokens, gathered,
+                          with_entropy=True) if with_entropy else (
+        head_logprobs(model.get_output_embeddings(), h, ids, temperature, chunk_tokens, gathered), None)  # [M]
+    where = (rows_t, torch.tensor(cols, dtype=torch.long, device=device))
+    out = out.index_put(where, lp)
+    ent = ent.index_put(where, e) if with_entropy else ent
     return (out, ent) if with_entropy else out
 
 
@@ -136,6 +135,9 @@ class _ChunkedHead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, ids, temperature, chunk, gathered, with_entropy, weight, bias):
+        # An output the loss does not use gets None in backward, not a tensor of zeros: an entropy
+        # that is only logged costs backward nothing.
+        ctx.set_materialize_grads(False)
         out, ent = [], []
         for s in range(0, len(ids), chunk):
             logits = F.linear(h[s : s + chunk], weight, bias)  # [m, V]
@@ -168,14 +170,20 @@ class _ChunkedHead(torch.autograd.Function):
                 hc = h[s : s + chunk]  # [m, H]
                 logits = F.linear(hc, weight, bias).to(acc) / tau  # [m, V]
                 p = torch.softmax(logits, dim=-1)  # [m, V]
-                d = p.neg()  # [m, V]: -p
-                d[torch.arange(len(hc), device=d.device), ids[s : s + chunk]] += 1.0  # onehot - p
-                d *= grad_out[s : s + chunk].to(acc).unsqueeze(1)
                 if ctx.with_entropy and grad_ent is not None:
-                    # dH/dz = -p (z - E_p[z]); logits here are already z = logits / T
+                    # dH/dz = -p (z - E_p[z]), z = logits / T (already): in place, into the logits'
+                    # buffer, so the chunk holds two [m, V] buffers as without entropy
                     mean_z = (p * logits).sum(dim=-1, keepdim=True)  # [m, 1]
-                    d -= grad_ent[s : s + chunk].to(acc).unsqueeze(1) * p * (logits - mean_z)
-                del p
+                    e = logits.sub_(mean_z).mul_(p).mul_(grad_ent[s : s + chunk].to(acc).unsqueeze(1))  # [m, V]
+                else:
+                    e = None
+                del logits
+                d = p.neg_()  # [m, V]: -p, in p's buffer
+                d[torch.arange(len(hc), device=d.device), ids[s : s + chunk]] += 1.0  # onehot - p
+                d *= (grad_out[s : s + chunk].to(acc) if grad_out is not None else d.new_zeros(len(hc))).unsqueeze(1)
+                if e is not None:
+                    d -= e
+                    del e
                 d /= tau
                 if want_h:
                     grad_h[s : s + chunk] = (d.to(weight.dtype) @ weight).to(h.dtype)
@@ -248,13 +256,15 @@ def _hidden_shared_prompts(model, prompt_ids, completion_ids, pad_id, device) ->
     first = out.last_hidden_state[torch.arange(len(unique), device=device), p_len - 1]  # [U, H] predicts token 0
     h_first = first.index_select(0, owner_t).unsqueeze(1)  # [B, 1, H]
     t = max((len(c) for c in completion_ids), default=0)
-    if t <= 1:
-        return h_first[:, :t]
+    # The completion pass runs even when no completion has a second token (then over one padding
+    # column, sliced off below): under ZeRO-3 every forward gathers parameters collectively, so
+    # the number of passes must not depend on this rank's data.
     cache = out.past_key_values
     cache.reorder_cache(owner_t)  # each layer's K/V: [U, h, Lp, d] -> [B, h, Lp, d], differentiable
     c_ids, c_mask = _right_padded([c[:-1] for c in completion_ids], pad_id)  # the last token predicts nothing
-    c_ids, c_mask = c_ids[:, : t - 1].to(device), c_mask[:, : t - 1].to(device)  # [B, T-1]
-    positions = p_len.index_select(0, owner_t).unsqueeze(1) + torch.arange(t - 1, device=device)  # [B, T-1]
+    width = max(t - 1, 1)
+    c_ids, c_mask = c_ids[:, :width].to(device), c_mask[:, :width].to(device)  # [B, T-1] (at least one column)
+    positions = p_len.index_select(0, owner_t).unsqueeze(1) + torch.arange(width, device=device)  # [B, T-1]
     saved = [m._can_checkpoint_with_cache for m in layers] if checkpointing else []
     for m in layers if checkpointing else []:
         m._can_checkpoint_with_cache = True  # read-only cache: recomputation sees the same prefix
@@ -266,7 +276,7 @@ def _hidden_shared_prompts(model, prompt_ids, completion_ids, pad_id, device) ->
     finally:
         for m, flag in zip(layers, saved):
             m._can_checkpoint_with_cache = flag
-    return torch.cat([h_first, rest], dim=1)  # [B, T, H]
+    return torch.cat([h_first, rest], dim=1)[:, :t]  # [B, T, H]
 
 
 class _ReadOnlyPrefix(DynamicCache):

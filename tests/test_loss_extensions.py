@@ -232,6 +232,25 @@ def test_micro_batch_metrics_take_the_max_of_maxima_and_skip_missing():
     assert math.isnan(out["rollout_is/weight_mean"])  # reported by no micro-batch, but present on every rank
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+def test_logged_loss_terms_of_micro_batches_add_up_to_the_step_loss(loss_type):
+    """Each micro-batch's loss is its share of the step's (step-level weights), so the logged loss
+    is their sum over micro-batches (and ranks), divided by num_iterations, never their mean."""
+    new, old, ref = t([[-1.0, -2.0, -0.5], [-0.3, -1.2, 0.0]]), t([[-1.1, -1.9, -0.4], [-0.3, -1.0, 0.0]]), t(
+        [[-1.2, -2.0, -0.6], [-0.2, -1.1, 0.0]])
+    adv, mask = t([0.7, -0.4]), t([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    kw = dict(beta=0.04, loss_type=loss_type, max_completion_length=3)
+    weights = token_weights(mask, loss_type, 3, 2, 5)  # the step: 2 sequences, 5 tokens
+    whole, _ = grpo_loss(new, old, ref, adv, mask, weights=weights, **kw)
+    parts = [grpo_loss(new[i:i + 1], old[i:i + 1], ref[i:i + 1], adv[i:i + 1], mask[i:i + 1], weights=weights[i:i + 1],
+                       **kw)[1] for i in range(2)]
+    for per, stats in ((1, parts), (2, parts + parts)):  # num_iterations 2: each micro-batch twice
+        out = combine_micro_metrics(stats, ("loss", "pg_loss", "kl"), ("loss", "pg_loss"), per)
+        assert out["loss"] == pytest.approx(whole.item(), abs=1e-12) and out["kl"] == pytest.approx(
+            (parts[0]["kl"] + parts[1]["kl"]) / 2)
+    assert combine_micro_metrics([], ("loss",), ("loss",))["loss"] == 0.0  # only ghosts: an exact 0
+
+
 def test_loss_metric_names_are_what_the_loss_returns():
     x, mask = lp([[-1.0, -2.0]]), torch.ones(1, 2)
     for corr in ("none", "token_truncate", "sequence_mask"):

@@ -433,6 +433,14 @@ def needs_target(completions, target, **_):
     return [0.0] * len(completions)
 
 
+def wants_prompt(completions, prompt, **_):
+    return [0.0] * len(completions)
+
+
+def positional_only(texts, /, **_):
+    return [0.0] * len(texts)
+
+
 @pytest.mark.parametrize("train_set, eval_set, rewards, match", [
     (_ds(prompt=["b c"]), _ds(prompt=[]), [format_reward], "the eval dataset is empty"),
     (_ds(prompt=["b c"], target=[1]), _ds(prompt=["b c"]), [needs_target],
@@ -442,6 +450,9 @@ def needs_target(completions, target, **_):
     (_ds(prompt=["b c"]), _ds(prompt=[" ".join(["b"] * 20)]), [format_reward], "20 tokens, more than max_prompt_length=16"),
     (_ds(prompt=["b c"]), None, [lambda completions, **_: [0.0] * len(completions)], "needs a name="),
     (_ds(prompt=["b c"]), None, ["format_reward"], "must be callable"),
+    # the prompt reaches rewards as `prompts` (TRL's name), never as `prompt`
+    (_ds(prompt=["b c"]), None, [wants_prompt], r"reward 'wants_prompt' needs argument\(s\) \['prompt'\]"),
+    (_ds(prompt=["b c"]), None, [positional_only], r"reward 'positional_only' needs argument\(s\) \['texts'\]"),
 ])
 def test_bad_data_and_rewards_fail_before_heavy_work(no_heavy_work, tiny_cfg, train_set, eval_set, rewards, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -225,3 +225,24 @@ def test_entropy_of_a_uniform_head_is_log_v():
     torch.testing.assert_close(ent, torch.full((5,), torch.log(torch.tensor(50.0, dtype=torch.float64)).item(),
                                                dtype=torch.float64))
     torch.testing.assert_close(lp, -ent)
+
+
+@pytest.mark.parametrize("completions", [[[7], [8]], [[], [9]], [[], []]], ids=["one-token", "empty+one", "all-empty"])
+def test_every_pass_runs_whatever_the_lengths_and_values_match(model, completions):
+    """Under ZeRO-3 each forward gathers parameters collectively, so the passes must not depend on
+    the data: a batch whose completions have at most one token still runs the completion pass (over
+    padding, sliced off) and the LM head (for 0 tokens too); the values equal the plain path's."""
+    import minigrpo.scoring as scoring
+
+    calls = []
+    real_head, real_base = scoring.head_logprobs, model.base_model.forward
+    scoring.head_logprobs = lambda *a, **k: calls.append("head") or real_head(*a, **k)
+    model.base_model.forward = lambda *a, **k: calls.append("base") or real_base(*a, **k)
+    try:
+        shared = completion_logprobs(model, [[1, 2], [1, 2]], completions, share_prompts=True)
+    finally:
+        scoring.head_logprobs, model.base_model.forward = real_head, real_base
+    assert calls == ["base", "base", "head"]  # prompt pass, completion pass, head
+    plain = completion_logprobs(model, [[1, 2], [1, 2]], completions, share_prompts=False)
+    torch.testing.assert_close(shared, plain, rtol=1e-10, atol=1e-12)
+    assert shared.shape == (2, max(len(c) for c in completions))

@@ -99,6 +99,7 @@ def test_dynamic_sampling_keeps_spread_groups_and_resumes_exactly(tiny_model, tm
     assert state["data_position"] == 4 * sum(rounds)
     run(tiny_model, tmp_path / "split", *SPARSE, "dynamic_sampling_max_rounds=3", "max_steps=2")
     split = run(tiny_model, tmp_path / "split", *SPARSE, "dynamic_sampling_max_rounds=3", "max_steps=3", "--resume")
+    assert len(full) == len(split)
     for a, b in zip(full, split):
         for key in ("dynamic/rounds", "reward/starts_with_a/mean", "param_checksum", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-6), (a["step"], key)

@@ -164,3 +164,19 @@ def test_docstring_examples_run():
     from minigrpo.rewards import countdown
 
     assert doctest.testmod(countdown).failed == 0 and doctest.testmod(countdown).attempted >= 1
+
+
+def test_with_a_template_the_prompt_column_is_a_column_and_prompts_are_the_rendered_text(tiny_model, tmp_path):
+    from tiny_task import with_chat_template
+
+    from minigrpo.batching import prepare_prompts
+    from minigrpo.data import PromptTemplate
+    from minigrpo.models import load_tokenizer
+
+    tokenizer = load_tokenizer(with_chat_template(tiny_model, tmp_path / "chat-model"))
+    ds = Dataset.from_dict({"prompt": ["b c", "d e"], "answer": ["a", "b"]})
+    templated = prepare_prompts(ds, tokenizer, PromptTemplate(system=None, user="{prompt} x1"), 16)
+    assert templated.prompts == templated.texts == ["b c x1 ", "d e x1 "]  # what the model saw
+    assert templated.columns == {"prompt": ["b c", "d e"], "answer": ["a", "b"]}
+    plain = prepare_prompts(ds, tokenizer, None, 16)
+    assert plain.prompts == ["b c", "d e"] and plain.columns == {"answer": ["a", "b"]}  # TRL's way

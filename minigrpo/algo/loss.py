@@ -157,7 +157,9 @@ def grpo_loss(
         d = ref_logprobs - logprobs  # [B, T]
         kl = torch.exp(d) - d - 1  # [B, T]
     kl_loss = beta * (kl * w).sum()
-    entropy_loss = -entropy_coef * (entropy * w).sum() if entropy is not None else logprobs.new_zeros(())
+    # Only with a coefficient: otherwise the entropy stays out of the graph, and the LM head's
+    # backward does no entropy work (it receives no gradient for it).
+    entropy_loss = -entropy_coef * (entropy * w).sum() if entropy_coef != 0 else logprobs.new_zeros(())
     loss = pg_loss + kl_loss + entropy_loss
 
     with torch.no_grad():
@@ -179,6 +181,9 @@ def grpo_loss(
         if entropy is not None:
             metrics["entropy"] = _masked_mean(entropy, m)
     return loss, metrics
+
+
+LOSS_TERMS = ("loss", "pg_loss", "kl_loss", "entropy_loss")  # a micro-batch's share of the step's: they add up
 
 
 def loss_metric_names(rollout_correction: str = "none", entropy: bool = False) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ child exits; files it writes persist. Use `isolate=False` in `score_completions`
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import math
 import multiprocessing
@@ -239,7 +240,13 @@ def _child(sender, fns, aligned, shared) -> None:
 def _materialize(result):
     """A generator's or a coroutine's errors belong to the reward call, so run it inside the call's `try`."""
     if inspect.isawaitable(result):  # an `async def` reward (TRL runs those too)
-        result = asyncio.run(_wait(result))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no loop in this thread: the usual case (and always in the forked child)
+            result = asyncio.run(_wait(result))
+        else:  # called from inside a running loop (isolate=False in a notebook): a loop of its own, in a thread
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                result = pool.submit(asyncio.run, _wait(result)).result()
     return list(result) if isinstance(result, Iterator) else result
 
 

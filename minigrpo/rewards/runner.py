@@ -12,10 +12,12 @@ The reward protocol is TRL's: a reward is any callable, called once per batch by
   `prefill` is the content of a final assistant message of the prompt (which then leaves `prompts`,
   as in TRL).
 - `prompts`: [N] the prompt of each completion: the dataset's `prompt` value (a string or a list of
-  messages) when it has that column, else the rendered prompt text.
+  messages) when the prompt was rendered from that column, else the rendered prompt text (a
+  `PromptTemplate` or a `messages` column made it).
 - `completion_ids`: [N] lists of the completion's token ids (when the caller has them).
 - `trainer_state`: one object for the batch, not a list (`minigrpo.trainer.TrainerState`:
-  `global_step`, `max_steps`), for rewards that change with training progress.
+  `global_step`, `max_steps`, counted in optimizer updates as TRL does), for rewards that change
+  with training progress.
 - `columns`: the dataset's other columns, [N] each, aligned with `completions` (`repeat_columns`
   builds them from per-prompt columns).
 
@@ -94,7 +96,8 @@ class RewardScores:
     group_size: int  # G
 
     def groups(self, keep: list[int]) -> RewardScores:
-        """The scores of the groups (prompt indices) `keep`, in that order."""
+        """The scores of the groups (prompt indices) `keep`, in that order. `num_failures` stays the
+        whole batch's (which completions failed is not kept): log failures from the full scores."""
         idx = [g * self.group_size + j for g in keep for j in range(self.group_size)]
         return RewardScores(self.total[idx], {k: [v[i] for i in idx] for k, v in self.per_reward.items()},
                             dict(self.num_failures), self.group_size)
