@@ -96,9 +96,9 @@ def save(output_dir: Path, step: int, policy, tokenizer, state: dict, rank: int,
     collectives.barrier()
     policy.save_checkpoint(str(tmp / "deepspeed"), client_state=state)
     weights = {}
-    for name, tensor in policy.full_weights():  # collective under ZeRO-3: every rank iterates
-        # only rank 0 writes, so only it keeps a (CPU) copy; GPUs hold one chunk at most
-        if rank == 0 and (adapter is None or name.rpartition(".")[2] in ("lora_A", "lora_B")):
+    wanted = None if adapter is None else lora.is_adapter_name  # LoRA: gather (ZeRO-3) and keep only the adapters
+    for name, tensor in policy.full_weights(select=wanted):  # collective under ZeRO-3: every rank iterates
+        if rank == 0:  # only rank 0 writes, so only it keeps a (CPU) copy; GPUs hold one chunk at most
             weights[name] = tensor.to("cpu", copy=True)
     if rank == 0:
         if adapter is None:
@@ -119,9 +119,14 @@ def save(output_dir: Path, step: int, policy, tokenizer, state: dict, rank: int,
     return final
 
 
+def read_state(folder: Path) -> dict:
+    """The trainer state of a checkpoint (step, data position, the settings resume checks)."""
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
 def restore(folder: Path, policy, rank: int) -> dict:
     """Load weights, optimizer, schedule and this rank's RNG; returns the trainer state."""
-    state = json.loads((folder / "trainer_state.json").read_text())
+    state = read_state(folder)
     policy.load_checkpoint(str(folder / "deepspeed"))
     load_rng(folder, rank)
     return state

@@ -275,13 +275,14 @@ class PolicyEngine:
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
-    def full_weights(self, chunk_bytes: int = 256 * 2**20) -> Iterator[tuple[str, torch.Tensor]]:
+    def full_weights(self, chunk_bytes: int = 256 * 2**20, select=None) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) in Hugging Face naming, gathered under ZeRO-3 a chunk at a time, so
         at most one chunk of full weights exists besides the shards. Every rank must iterate it
-        (the gather is collective); the tensors are detached copies."""
+        (the gather is collective); the tensors are detached copies. `select(name)`: only those
+        parameters (the same on every rank)."""
         import deepspeed
 
-        named = list(self.module.named_parameters())
+        named = [(n, p) for n, p in self.module.named_parameters() if select is None or select(n)]
         if self.zero_stage < 3:
             for name, p in named:
                 yield name, p.detach()

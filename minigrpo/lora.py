@@ -1,6 +1,6 @@
 """LoRA: low-rank adapters on a model's linear layers, and their files in peft's format.
 
-Our own ~150 lines rather than the `peft` package: the adapters are one module class, the
+Our own ~250 lines rather than the `peft` package: the adapters are one module class, the
 reference is the same model with them switched off, and the push merges them into the weights the
 rollout engine already takes. Parameter names stay the model's own (`...q_proj.weight`; the adapters
 add `...q_proj.lora_A` / `...q_proj.lora_B`), so the chunked scoring path (`model.base_model`), the
@@ -112,6 +112,11 @@ def adapters_disabled(model: nn.Module):
             m.enabled = True
 
 
+def is_adapter_name(name: str) -> bool:
+    """Whether a parameter name is an adapter's (`<path>.lora_A` / `<path>.lora_B`)."""
+    return name.rpartition(".")[2] in ("lora_A", "lora_B")
+
+
 def adapted_modules(model: nn.Module) -> set[str]:
     """Module paths of the model's `LoRALinear`s."""
     return {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -146,8 +151,7 @@ def merged(named: Iterable[tuple[str, torch.Tensor]], adapted: set[str], scaling
 def peft_names(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Adapter tensors from our names (`<path>.lora_A`) to peft's (`base_model.model.<path>.lora_A.weight`):
     A [r, in], B [out, r]; other tensors are left out."""
-    return {f"{_PEFT_PREFIX}{name}.weight": t.contiguous() for name, t in named.items()
-            if name.rpartition(".")[2] in ("lora_A", "lora_B")}
+    return {f"{_PEFT_PREFIX}{name}.weight": t.contiguous() for name, t in named.items() if is_adapter_name(name)}
 
 
 def save_adapter(folder: Path, tensors: dict[str, torch.Tensor], *, rank: int, alpha: float, targets: list[str],
@@ -211,11 +215,18 @@ def merge_into_base(model: nn.Module) -> nn.Module:
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks: the entries of the model's largest `nn.ModuleList`."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of blocks to put adapters in")
-    return list(max(lists, key=len))
+    """The decoder's transformer blocks: `model.get_decoder().layers` (transformers' causal LMs:
+    Llama, Qwen2, Mistral, ...). Not "the largest ModuleList": in a mixture of experts that is one
+    layer's experts, in a vision-language model possibly the vision tower.
+
+    Raises:
+        ValueError: the model exposes no decoder layers this way.
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(f"{type(model).__name__}: no decoder layers (model.get_decoder().layers) to put adapters in")
+    return list(layers)
 
 
 def adapter_folder(path: str | Path) -> Path | None:

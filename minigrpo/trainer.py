@@ -24,14 +24,15 @@ import torch
 
 from minigrpo import checkpoint as ckpt
 from minigrpo import collectives, lora
-from minigrpo.algo import (group_advantages, grpo_loss, loss_is_zero, loss_metric_names, pooled_std, spread_groups,
+from minigrpo.algo import (LOSS_TERMS, group_advantages, grpo_loss, loss_is_zero, loss_metric_names, pooled_std, spread_groups,
                            token_weights)
-from minigrpo.batching import prepare_prompts, prompt_indices, required_columns, rollout_seed
+from minigrpo.batching import prepare_prompts, prompt_indices, required_columns, reward_columns, rollout_seed
 from minigrpo.config import Config, ConfigError
 from minigrpo.engine import PolicyEngine, init_distributed, warmup_steps
 from minigrpo.evaluation import evaluate, phrase_rate
 from minigrpo.models import load_causal_lm, load_tokenizer, resolve_model
-from minigrpo.rewards import Reward, RewardScores, repeat_columns, score_completions
+from minigrpo.rewards import REWARD_ARGUMENTS, Reward, RewardScores, repeat_columns, score_completions
+from minigrpo.rewards.isolation import accepted_keywords
 from minigrpo.rollout import RolloutBatch, Sampling, make_engine
 from minigrpo.runlog import Progress, RunLog
 from minigrpo.runtime import (PhaseTimer, StopOnSignal, check_replicas, combine_micro_metrics, reduce_metrics,
@@ -42,11 +43,16 @@ from minigrpo.sync import PROBE_TEXT, probe_tolerance, sync_weights
 
 @dataclasses.dataclass(frozen=True)
 class TrainerState:
-    """What rewards receive as `trainer_state=` (TRL's name and fields): `global_step` optimizer steps
-    are done (the step being scored is global_step + 1) of `max_steps`."""
+    """What rewards receive as `trainer_state=` (TRL's name and fields): `global_step` optimizer
+    updates are done, of `max_steps` in the run. As in TRL these count updates: a minigrpo step makes
+    num_iterations of them, so while step k's completions are scored global_step = (k - 1) * num_iterations."""
 
     global_step: int
     max_steps: int
+
+
+def _trainer_state(cfg: Config, steps_done: int) -> TrainerState:
+    return TrainerState(steps_done * cfg.num_iterations, cfg.max_steps * cfg.num_iterations)
 
 
 def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template=None, resume: bool = False) -> Path:
@@ -71,10 +77,15 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
             continue
         if len(ds) == 0:
             raise ValueError(f"the {name} dataset is empty")
+        offered = [*REWARD_ARGUMENTS, *reward_columns(ds.column_names, template)]
         for r in rewards:
             missing = [c for c in required_columns(r.fn) if c not in ds.column_names]
             if missing:
                 raise ValueError(f"reward {r.name!r} needs column(s) {missing}; the {name} dataset has {ds.column_names}")
+            try:  # what else a call by keyword cannot fill (a positional-only parameter, `prompt`)
+                accepted_keywords(r.fn, offered)
+            except TypeError as e:
+                raise ValueError(f"reward {r.name!r} {e}") from None
     model_path = resolve_model(cfg.model, cfg.model_cache_dir)  # a bad path fails here, in one line
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     train_set = prepare_prompts(train_dataset, tokenizer, template, cfg.max_prompt_length)  # too long: error
@@ -118,8 +129,8 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
         print(f"[minigrpo] --resume: no complete checkpoint in {out / 'checkpoints'}; starting from step 0")
     nonfinite_in_a_row, position = 0, 0  # position: the next prompt of the data order (batching.py)
     if last is not None:
+        _check_same_run(ckpt.read_state(last), cfg, last)  # before loading: a LoRA shape change would fail inside
         state = ckpt.restore(last, policy, info.rank)
-        _check_same_run(state, cfg, last)
         start, nonfinite_in_a_row, position = state["step"], state["nonfinite_in_a_row"], state["data_position"]
         policy.optimizer.skipped = state["nonfinite_skipped_steps"]
         sync_weights(rollout, policy, probe_ids, None)  # the engine holds the base weights; exact check only
@@ -151,7 +162,7 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
             with timer("reward"):
                 scores = score_completions(
                     rewards, batch.texts, [p for p in reward_prompts for _ in range(G)], repeat_columns(columns, G), G,
-                    completion_ids=batch.completion_ids, trainer_state=TrainerState(step - 1, cfg.max_steps),
+                    completion_ids=batch.completion_ids, trainer_state=_trainer_state(cfg, step - 1),
                     on_error=cfg.reward_on_error, timeout_s=cfg.reward_timeout,
                 )
             groups = list(range(len(prompt_ids)))
@@ -185,7 +196,9 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
                       and loss_is_zero(advantages[s], cfg.beta, cfg.entropy_coef)) for s, g in zip(micro, ghost)]
         with timer("reference"), torch.no_grad():
             with lora.adapters_disabled(policy.module) if reference is policy else contextlib.nullcontext():
-                ref_lp = ([None if g else _score(reference, batch, s, cfg) for s, g in zip(micro, ghost)]
+                # LoRA's reference is the policy: at ZeRO-3 a ghost runs its dummy pass (same gathers)
+                ref_lp = ([(policy.ghost_forward() if reference is policy else None) if g
+                           else _score(reference, batch, s, cfg) for s, g in zip(micro, ghost)]
                           if reference is not None else None)
             old_lp = ([policy.ghost_forward() if g else None if z else _score(policy, batch, s, cfg)
                        for s, z, g in zip(micro, zero, ghost)] if cfg.num_iterations > 1 else None)
@@ -243,8 +256,10 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
         pass_tokens = sum(_forward_tokens(batch, s) for s, g in zip(micro, ghost) if not g)  # one pass over the batch
         metrics = {
             **all_scores.metrics(),
-            # entropy and rollout_is/*: the micro-batches that ran a forward (nan: none did)
-            **combine_micro_metrics(stats, loss_metric_names(cfg.rollout_correction, entropy=True)),
+            # entropy and rollout_is/*: the micro-batches that ran a forward (nan: none did); the loss
+            # terms: this rank's part of the step's loss (summed over ranks below)
+            **combine_micro_metrics(stats, loss_metric_names(cfg.rollout_correction, entropy=True), LOSS_TERMS,
+                                    cfg.num_iterations),
             "success_rate": float(np.mean(solved)) if success else float("nan"),
             "zero_spread_groups": float(1 - spread_groups(all_scores.total, G).float().mean()),
             "dynamic/rounds": float(rounds),
@@ -262,7 +277,8 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
             "tokens/train": float(pass_tokens * cfg.num_iterations),
             "tokens/reference": float(pass_tokens if reference is not None else 0),
         }
-        metrics = reduce_metrics(metrics)
+        loss_terms = collectives.all_reduce_scalars([metrics.pop(k) for k in LOSS_TERMS])  # the step's: a sum
+        metrics = {**reduce_metrics(metrics), **dict(zip(LOSS_TERMS, loss_terms))}
         metrics["batch/completions"] = sum_over_ranks(len(batch))  # trained on: prompts_per_step * G (DAPO: up to)
         metrics["dynamic/groups_kept"] = metrics["batch/completions"] / G  # over all ranks
         metrics["dynamic/prompts_drawn"] = float(rounds * cfg.prompts_per_step)
@@ -273,7 +289,7 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
             log.samples(step, [t for t in prompt_texts for _ in range(G)], batch.texts, scores.total.tolist(), kept_solved,
                         cfg.num_completion_samples)
         if eval_set is not None and (step == cfg.max_steps or (cfg.eval_steps and step % cfg.eval_steps == 0)):
-            metrics.update(evaluate(rollout, eval_set, rewards, cfg, info, TrainerState(step, cfg.max_steps)))
+            metrics.update(evaluate(rollout, eval_set, rewards, cfg, info, _trainer_state(cfg, step)))
         log.log(step, metrics)
         if main and (step % cfg.logging_steps == 0 or step == cfg.max_steps):
             progress.update(step, metrics)
@@ -321,8 +337,10 @@ def _schedule(cfg: Config) -> dict:
 
 
 def _lora(cfg: Config) -> dict:
-    return {k: getattr(cfg, k) for k in ("lora_rank", "lora_alpha", "lora_target_modules")} if cfg.lora_rank else {
-        "lora_rank": 0}
+    """What a checkpoint's trained weights are: the full model, or adapters of this shape on this
+    base model (the checkpoint holds only the adapters, so another base would load silently)."""
+    keys = ("lora_rank", "lora_alpha", "lora_target_modules", "model")
+    return {k: getattr(cfg, k) for k in keys} if cfg.lora_rank else {"lora_rank": 0}
 
 
 def _check_same_run(state: dict, cfg: Config, folder: Path) -> None:

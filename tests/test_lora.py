@@ -1,6 +1,6 @@
 """LoRA (minigrpo/lora.py): the adapter math, the reference with adapters off, the merged weights the
-engine receives, the adapter files, and runs through the trainer (learn, resume, export) at ZeRO-0
-and ZeRO-2."""
+engine receives, the adapter files, and runs through the trainer (learn, resume, export) at ZeRO-0,
+-2 and -3, with dynamic sampling's ghost micro-batches at ZeRO-3."""
 
 import json
 import os
@@ -120,14 +120,18 @@ def test_bad_settings_are_refused(lora_model_dir):
 
 # --- through the trainer -------------------------------------------------------------------------
 
-def run(model, out, *args, ranks=1):
+def launch(model, out, *args, ranks=1) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT / "tests")}
     from tiny_task import free_port
 
     launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                                                      str(ranks), "--master_port", free_port()]
-    proc = subprocess.run([*launcher, str(ROOT / "tests" / "tiny_task.py"), str(model), str(out), *args],
+    return subprocess.run([*launcher, str(ROOT / "tests" / "tiny_task.py"), str(model), str(out), *args],
                           capture_output=True, text=True, env=env, timeout=1500)
+
+
+def run(model, out, *args, ranks=1):
+    proc = launch(model, out, *args, ranks=ranks)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
@@ -162,6 +166,12 @@ def test_lora_resumes_exactly_and_exports(lora_model_dir, tmp_path, stage):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key, a[key], b[key])
     ckpt = tmp_path / "full" / "checkpoints" / "step-000004"
     assert (ckpt / "adapter" / "adapter_model.safetensors").is_file() and not (ckpt / "model").exists()
+    from safetensors.torch import load_file
+
+    saved_full = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+    saved_split = load_file(str(tmp_path / "split" / "checkpoints" / "step-000004" / "adapter" / "adapter_model.safetensors"))
+    assert all(saved_full[k].abs().max() > 0 for k in saved_full if "lora_B" in k)  # trained, not the zero init
+    assert all(torch.allclose(saved_full[k], saved_split[k], rtol=1e-5, atol=1e-7) for k in saved_full)
     saved = sum(f.stat().st_size for f in (ckpt / "deepspeed").rglob("*") if f.is_file())
     base = sum(p.numel() * 4 for p in load_causal_lm(lora_model_dir).parameters())  # 1.3 MB of fp32 weights
     assert saved < base / 2  # the adapters and their AdamW state (~0.5 MB), not the frozen base
@@ -171,3 +181,25 @@ def test_lora_resumes_exactly_and_exports(lora_model_dir, tmp_path, stage):
     model = load_causal_lm(lora_model_dir)
     lora.load_adapter_into(model, ckpt / "adapter")
     assert torch.allclose(logprobs(load_causal_lm(merged)), logprobs(model), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_resuming_with_another_lora_shape_or_base_is_refused_before_loading(lora_model_dir, tiny_model, tmp_path):
+    run(lora_model_dir, tmp_path / "run", *LORA, "max_steps=1")
+    for change, named in (("lora_rank=4", "lora_rank: 8 in the checkpoint, 4 now"), ("lora_rank=0", "lora_rank: 8"),
+                          (f"model={tiny_model}", "model: ")):
+        args = [*LORA, "max_steps=2", change, "--resume"]
+        proc = launch(tiny_model if change.startswith("model") else lora_model_dir, tmp_path / "run", *args)
+        assert proc.returncode != 0 and "different LoRA setting" in proc.stderr and named in proc.stderr, (
+            change, proc.stderr[-2000:])
+        assert "Traceback" in proc.stderr and "load_checkpoint" not in proc.stderr  # refused before DeepSpeed loads
+
+
+@pytest.mark.slow
+def test_lora_reference_runs_ghost_passes_at_zero3_with_dynamic_sampling(lora_model_dir, tmp_path):
+    """LoRA's reference is the ZeRO-3 policy: a rank left with fewer groups must still run the
+    reference pass's gathers (a dummy), or the ranks hang. Finishing is the test."""
+    rows = run(lora_model_dir, tmp_path / "run", *LORA, "max_steps=3", "--reward=starts_with_a",
+               "success_reward=starts_with_a", "gradient_accumulation_steps=4", "dynamic_sampling=true",
+               "dynamic_sampling_max_rounds=1", f"deepspeed={ROOT}/recipes/deepspeed_zero3.json", ranks=2)
+    assert len(rows) == 3 and min(r["dynamic/groups_kept"] for r in rows) < 4  # some rank ran ghosts
