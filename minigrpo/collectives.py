@@ -85,8 +85,12 @@ def broadcast_in(group, buffer: torch.Tensor, src: int, timeout: float, what: st
     """Broadcast `buffer` (already on the group's device) within `group`, and wait for it with a
     real deadline: a NCCL `Work.wait()` returns once the operation is queued on the GPU stream,
     not when it is done, so a peer that died would hang the next GPU op instead of raising here.
-    Polling `is_completed()` works for both backends. Raises TimeoutError after `timeout` s."""
-    work = group.broadcast(buffer, src, datetime.timedelta(seconds=timeout))
+    Polling `is_completed()` works for both backends. Raises TimeoutError after `timeout` s.
+
+    The backend gets a longer timeout than ours: with the same one, gloo's own 2000 ms timer and
+    our poll race, and gloo can win with a RuntimeError (seen once in CI), so the caller would get
+    the backend's message instead of the TimeoutError that names what did not arrive."""
+    work = group.broadcast(buffer, src, datetime.timedelta(seconds=timeout + max(10.0, timeout)))
     wait_for(work, timeout, what)
 
 
