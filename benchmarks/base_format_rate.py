@@ -36,7 +36,8 @@ def main() -> None:
     p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.7])
     args = p.parse_args()
     cfg = Config.load(RECIPE)
-    train = load_countdown(cfg.dataset, num_samples=cfg.dataset_size, test_size=cfg.test_size, seed=cfg.seed)["train"]
+    train = load_countdown(cfg.dataset, num_samples=cfg.dataset_size, test_size=cfg.test_size, seed=cfg.seed,
+                          difficulty=cfg.generator_difficulty())["train"]
     path = resolve_model(args.model, cfg.model_cache_dir)
     tasks = prepare_prompts(train.select(range(args.prompts)), load_tokenizer(path), R1_COUNTDOWN, cfg.max_prompt_length)
     engine = make_engine("vllm", path, dtype=cfg.dtype, seed=1, max_model_len=cfg.max_prompt_length + args.max_tokens)

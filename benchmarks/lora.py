@@ -1,5 +1,5 @@
-"""LoRA vs full fine-tuning on the default recipe (beta 0.04, so the reference pass matters), both
-sides measured in one run of this script, each in its own process, one after the other.
+"""LoRA vs full fine-tuning on the phase benchmark's setting (phases.MEASURED_SETTING: beta 0.04, so
+the reference pass matters), both sides measured in one run of this script, each in its own process, one after the other.
 
     .venv/bin/python benchmarks/lora.py                       # 4 steps per side, lora_rank 16
     .venv/bin/python benchmarks/lora.py --steps 3 lora_rank=8 lora_alpha=16
@@ -25,10 +25,14 @@ ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("generate", "reward", "reference", "train", "push")
 
 
+from phases import MEASURED_SETTING  # noqa: E402  (benchmarks/ is the script's folder)
+
+
 def run_side(overrides: list[str], steps: int, rollout: str) -> dict:
     out = Path(tempfile.mkdtemp(prefix="lora-bench-"))
     cmd = [sys.executable, str(ROOT / "benchmarks" / "_lora_side.py"), "--max-steps", str(steps),
-           "--output-dir", str(out), "--rollout", rollout, "eval_num_samples=0", "vllm_enforce_eager=true", *overrides]
+           "--output-dir", str(out), "--rollout", rollout, "eval_num_samples=0", "vllm_enforce_eager=true",
+           *MEASURED_SETTING, *overrides]
     print("running:", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -45,7 +45,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"rewards: unknown {unknown}; this script knows {sorted(COUNTDOWN_REWARDS)}")
 
-    splits = load_countdown(cfg.dataset, num_samples=cfg.dataset_size, test_size=cfg.test_size, seed=cfg.seed)
+    splits = load_countdown(cfg.dataset, num_samples=cfg.dataset_size, test_size=cfg.test_size, seed=cfg.seed,
+                            difficulty=cfg.generator_difficulty())
     out = train(cfg, [COUNTDOWN_REWARDS[name] for name in cfg.rewards], splits["train"], splits["test"], template=R1_COUNTDOWN,
                 resume=args.resume)
     print(f"[minigrpo] done. outputs in {out}: metrics.jsonl, curves.png, completion_samples.txt, "

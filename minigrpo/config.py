@@ -42,6 +42,12 @@ class Config:
     dataset: str | None = None  # hub name or local file; None = the hub's Countdown, else the generator
     dataset_size: int | None = None  # rows before the split (the seed used a 50k subset)
     test_size: float = 0.1
+    # The generator's difficulty (dataset: generate): numbers per task, their range, the targets'.
+    # The defaults are the hub dataset's tier (3-4 numbers in 1..99); an easy tier is 2-3 in 1..20.
+    generator_min_numbers: int = 3
+    generator_max_numbers: int = 4
+    generator_max_number: int = 99
+    generator_max_target: int = 999
 
     # -- rollout
     rollout: str = "vllm"  # vllm (in each rank) | vllm_server (one server process) | torch
@@ -126,6 +132,9 @@ class Config:
     lora_alpha: float = 16.0
     lora_target_modules: list[str] | None = None
     lora_dropout: float = 0.0  # must be 0: the log-probability passes must be deterministic
+    # Q-LoRA: "nf4" loads the base's block Linears in bitsandbytes 4-bit (minigrpo/quantize.py); the
+    # engine then samples from the dequantized base plus the adapters. ZeRO-0/1/2 only.
+    lora_quantize: str | None = None
 
     # -- rewards
     # Names of functions in minigrpo.rewards, for scripts that build their reward list from the
@@ -138,8 +147,15 @@ class Config:
 
     # -- logging, evaluation, checkpoints
     logging_steps: int = 1
+    # vLLM's, DeepSpeed's and transformers' own messages (start-up chatter, per-push notices) below
+    # this level are hidden: debug | info | warning | error. minigrpo's own lines always show.
+    log_level: str = "error"
     eval_steps: int = 0  # 0 = only at the end
     eval_num_samples: int = 64
+    eval_before_training: bool = True  # also at step 0: the "before" of the run's before/after summary
+    # False: held-out completions are generated without `stop`, so the model must end its answer
+    # itself (what a user of the checkpoint gets); True: with the training stop strings.
+    eval_stop: bool = False
     save_steps: int = 0  # 0 = only at the end
     save_total_limit: int = 2
     num_completion_samples: int = 4  # completions written to completion_samples.txt per step
@@ -233,6 +249,13 @@ class Config:
              "with the reference's and the engine's")
         need(self.lora_target_modules is None or len(self.lora_target_modules) > 0, "lora_target_modules",
              "must name at least one module (or null: every Linear of the blocks)")
+        need(self.lora_quantize in (None, "nf4"), "lora_quantize", "must be nf4 (or null: no quantization)")
+        need(self.lora_quantize is None or self.lora_rank > 0, "lora_quantize",
+             "needs lora_rank > 0: a 4-bit base cannot be trained, only adapters on it")
+        if self.lora_quantize is not None and self.deepspeed is not None and Path(self.deepspeed).is_file():
+            stage = (load_deepspeed_config(self.deepspeed).get("zero_optimization") or {}).get("stage", 0)
+            need(stage < 3, "lora_quantize", f"needs ZeRO stage 0-2 ({self.deepspeed} has stage {stage}): ZeRO-3 "
+                 "cannot partition bitsandbytes' packed 4-bit weights")
         need(self.learning_rate > 0, "learning_rate", "must be > 0")
         need(self.lr_scheduler_type in ("cosine", "constant"), "lr_scheduler_type", "must be cosine or constant")
         need(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
@@ -250,6 +273,11 @@ class Config:
              "must name at least one reward function, each once")
         need(self.logprob_chunk_tokens is None or self.logprob_chunk_tokens >= 1, "logprob_chunk_tokens", "must be >= 1")
         need(0 < self.test_size < 1, "test_size", "must be in (0, 1)")
+        need(2 <= self.generator_min_numbers <= self.generator_max_numbers <= 6, "generator_min_numbers",
+             f"need 2 <= generator_min_numbers <= generator_max_numbers ({self.generator_max_numbers}) <= 6")
+        need(1 <= self.generator_max_number <= 999, "generator_max_number", "must be in 1..999")
+        need(self.generator_max_target >= 1, "generator_max_target", "must be >= 1")
+        need(self.log_level in LOG_LEVELS, "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
         need(self.dataset_size is None or self.dataset_size >= 2, "dataset_size", "must be >= 2 (or null)")
         need(self.sync_check_atol is None or self.sync_check_atol > 0, "sync_check_atol", "must be > 0 (or null: calibrate)")
         if self.deepspeed is not None:
@@ -258,6 +286,11 @@ class Config:
              "gradient_accumulation_steps",
              f"must divide the completions of a step ({self.prompts_per_step} prompts x "
              f"{self.num_generations} generations = {self.prompts_per_step * self.num_generations})")
+
+    def generator_difficulty(self) -> dict[str, int]:
+        """The generator's keyword arguments (`generate_countdown`, `load_countdown(difficulty=)`)."""
+        keys = ("min_numbers", "max_numbers", "max_number", "max_target")
+        return {k: getattr(self, f"generator_{k}") for k in keys}
 
     def layout(self, world_size: int) -> Layout:
         """The per-rank batch shape, checked for this world size."""
@@ -275,6 +308,8 @@ class Config:
             )
         return Layout(world_size, prompts, completions, completions // self.gradient_accumulation_steps)
 
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 REMOVED = {  # keys older recipes may still carry, and why they are gone
     "reference_on_cpu": "it computed the reference log-probs on the CPU (minutes per step for a 3B "

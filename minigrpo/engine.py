@@ -8,6 +8,8 @@ Checked against DeepSpeed 0.19.8 on CPU (gloo) and its documented GPU behaviour.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minigrpo import collectives, lora
+from minigrpo import collectives, lora, quantize
 from minigrpo.config import Config, ConfigError, Layout, load_deepspeed_config
 from minigrpo.models import disable_dropout
 from minigrpo.scoring import completion_logprobs
@@ -28,12 +30,12 @@ class DistInfo:
     local_rank: int
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(log_level: str = "warning") -> DistInfo:
     """Join the process group (or make a one-process group); same code under torchrun/deepspeed.
 
     `deepspeed.initialize` needs RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; with
     any missing it tries MPI discovery and fails on mpi4py (0.19.8). A plain `python script.py`
-    is one rank, so we fill them in.
+    is one rank, so we fill them in. `log_level`: DeepSpeed's own messages below it are hidden.
     """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -46,11 +48,16 @@ def init_distributed() -> DistInfo:
         # Explicit CPU accelerator: without it DeepSpeed guesses, with a warning per process.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
+    from deepspeed.utils import logger as ds_logger
 
+    ds_logger.setLevel(log_level.upper())  # DeepSpeed's one logger ("DeepSpeed"): config dumps, ZeRO notices
     if not torch.distributed.is_initialized():
         # One backend for the default group: NCCL on GPUs, gloo on CPUs. Our own small CPU tensors
         # (metric sums, votes) reach it only through minigrpo.collectives, which moves them.
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        # DeepSpeed 0.19 on CPU prints (not logs) "... shm_comm_op built successfully" in here.
+        quiet = contextlib.redirect_stdout(io.StringIO()) if log_level in ("warning", "error") else contextlib.nullcontext()
+        with quiet:
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return DistInfo(
         torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
     )
@@ -279,13 +286,12 @@ class PolicyEngine:
         """(name, full tensor) in Hugging Face naming, gathered under ZeRO-3 a chunk at a time, so
         at most one chunk of full weights exists besides the shards. Every rank must iterate it
         (the gather is collective); the tensors are detached copies. `select(name)`: only those
-        parameters (the same on every rank)."""
+        parameters (the same on every rank). Q-LoRA's 4-bit weights come dequantized."""
         import deepspeed
 
         named = [(n, p) for n, p in self.module.named_parameters() if select is None or select(n)]
         if self.zero_stage < 3:
-            for name, p in named:
-                yield name, p.detach()
+            yield from quantize.dequantized(named)  # detached; a 4-bit weight as the tensor it stands for
             return
         chunk: list[tuple[str, torch.nn.Parameter]] = []
         size = 0

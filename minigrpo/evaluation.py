@@ -9,9 +9,13 @@ from minigrpo.rewards import score_completions
 from minigrpo.rollout import Sampling
 
 
-def greedy_sampling(cfg) -> Sampling:
-    """How held-out tasks are answered: one greedy completion, with the training length and stop strings."""
-    return Sampling(n=1, max_tokens=cfg.max_completion_length, temperature=0.0, stop=tuple(cfg.stop), seed=0)
+def greedy_sampling(cfg, stop: bool | None = None) -> Sampling:
+    """How held-out tasks are answered: one greedy completion of the training length, with the
+    training stop strings when `stop` (default: `cfg.eval_stop`), else until the model ends it
+    (its end-of-sequence token) or the length runs out, as for a user of the checkpoint."""
+    stop = cfg.eval_stop if stop is None else stop
+    return Sampling(n=1, max_tokens=cfg.max_completion_length, temperature=0.0,
+                    stop=tuple(cfg.stop) if stop else (), seed=0)
 
 
 def evaluate(rollout, eval_set, rewards, cfg, info, trainer_state=None) -> dict[str, float]:
@@ -19,7 +23,8 @@ def evaluate(rollout, eval_set, rewards, cfg, info, trainer_state=None) -> dict[
     the rewards receive `trainer_state` as in training.
 
     Returns `eval/<reward name>` (mean value), `eval/success_rate` (fraction where the success
-    reward is exactly 1), and `eval/format_rate` when a reward named format_reward is present.
+    reward is exactly 1), `eval/format_rate` when a reward named format_reward is present, and
+    `eval/completion_length` (mean tokens). Stop strings: `cfg.eval_stop` (`greedy_sampling`).
     """
     n = min(cfg.eval_num_samples, len(eval_set))
     if n == 0:
@@ -32,7 +37,7 @@ def evaluate(rollout, eval_set, rewards, cfg, info, trainer_state=None) -> dict[
     batch = rollout.generate(ids, greedy_sampling(cfg))
     scores = score_completions(rewards, batch.texts, prompts, cols, 1, completion_ids=batch.completion_ids,
                                trainer_state=trainer_state, on_error=cfg.reward_on_error, timeout_s=cfg.reward_timeout)
-    sums = {"count": float(sum(real))}
+    sums = {"count": float(sum(real)), "completion_length": sum(len(c) for c, r in zip(batch.completion_ids, real) if r)}
     for name, values in scores.per_reward.items():
         sums[name] = sum(v or 0.0 for v, r in zip(values, real) if r)
     sums["success"] = sum(v == 1.0 and r for v, r in zip(scores.per_reward.get(cfg.success_reward, []), real))
@@ -40,7 +45,8 @@ def evaluate(rollout, eval_set, rewards, cfg, info, trainer_state=None) -> dict[
     keys = sorted(sums)
     total = dict(zip(keys, collectives.all_reduce_scalars([float(sums[k]) for k in keys])))
     count = max(total.pop("count"), 1.0)
-    out = {"eval/success_rate": total.pop("success") / count}
+    out = {"eval/tasks": count, "eval/success_rate": total.pop("success") / count,
+           "eval/completion_length": total.pop("completion_length") / count}
     fmt = total.pop("format")
     if "format_reward" in sums:
         out["eval/format_rate"] = fmt / count
@@ -55,3 +61,4 @@ def phrase_rate(texts: list[str], phrases: list[str]) -> float:
         return 0.0
     pattern = re.compile(r"\b(?:" + "|".join(re.escape(p) for p in phrases) + r")\b", re.IGNORECASE)
     return sum(bool(pattern.search(t)) for t in texts) / len(texts)
+

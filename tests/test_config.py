@@ -46,6 +46,12 @@ def test_wrong_type_is_named(key, value):
         ({"temperature": 0}, "temperature"),
         ({"rewards": []}, "rewards"),
         ({"rewards": ["format_reward", "format_reward"]}, "rewards"),
+        ({"generator_min_numbers": 1}, "generator_min_numbers"),
+        ({"generator_min_numbers": 4, "generator_max_numbers": 3}, "generator_min_numbers"),
+        ({"generator_max_numbers": 7}, "generator_min_numbers"),
+        ({"generator_max_number": 1000}, "generator_max_number"),
+        ({"generator_max_target": 0}, "generator_max_target"),
+        ({"log_level": "verbose"}, "log_level"),
     ],
 )
 def test_inconsistent_values_are_named(values, key):
@@ -81,3 +87,11 @@ def test_python_construction_is_checked_too():
     with pytest.raises(ConfigError, match="learning_rate"):
         Config(learning_rate="fast")
     assert Config(learning_rate=1).learning_rate == 1.0
+
+
+def test_generator_difficulty_is_the_generators_keywords():
+    from minigrpo.data import generate_countdown
+
+    cfg = Config(generator_min_numbers=2, generator_max_numbers=3, generator_max_number=20, generator_max_target=100)
+    assert cfg.generator_difficulty() == {"min_numbers": 2, "max_numbers": 3, "max_number": 20, "max_target": 100}
+    generate_countdown(5, seed=0, **cfg.generator_difficulty())  # every key is one of its parameters

@@ -90,6 +90,22 @@ def test_load_generated_split_is_deterministic():
     assert d1["train"].features["target"] == datasets.Value("int64")
 
 
+def test_load_generated_takes_the_difficulty_and_refuses_it_for_data_sources(tmp_path):
+    easy = {"min_numbers": 2, "max_numbers": 3, "max_number": 20, "max_target": 100}
+    d = load_countdown("generate", num_samples=400, seed=3, difficulty=easy)
+    rows = d["train"].to_list() + d["test"].to_list()
+    assert {len(r["nums"]) for r in rows} == {2, 3}
+    assert max(max(r["nums"]) for r in rows) <= 20 and all(1 <= r["target"] <= 100 for r in rows)
+    # the defaults are the generator's own: passing them changes nothing, for any source
+    default = {"min_numbers": 3, "max_numbers": 4, "max_number": 99, "max_target": 999}
+    assert load_countdown("generate", num_samples=50, seed=3, difficulty=default)["test"].to_dict() == \
+        load_countdown("generate", num_samples=50, seed=3)["test"].to_dict()
+    _frame().to_parquet(tmp_path / "t.parquet")
+    assert len(load_countdown(tmp_path / "t.parquet", difficulty=default)["train"]) == 45
+    with pytest.raises(ValueError, match="applies to the generator"):
+        load_countdown(tmp_path / "t.parquet", difficulty=easy)
+
+
 def test_fallback_to_generator_when_hub_unreachable(monkeypatch):
     def offline(name):
         raise ConnectionError(f"Couldn't reach '{name}' on the Hub")

@@ -4,7 +4,8 @@ so CI (CPU only) collects and skips them; each skip says why.
 One GPU, no model hub, no vLLM needed (tiny random models are built here): an NCCL group of one rank
 with minigrpo's collectives, a full GRPO step in bf16 with gradient checkpointing under DeepSpeed
 ZeRO-0, -2 and -3 (rollout=torch) with checkpoint and resume, the grad norm and train mode checks
-of tests/test_engine.py on the GPU, a bf16 LoRA step with resume, exact weight fingerprints of CUDA tensors, and the chunked
+of tests/test_engine.py on the GPU, a bf16 LoRA step with resume, a bf16 Q-LoRA step (with
+bitsandbytes), exact weight fingerprints of CUDA tensors, and the chunked
 log-prob memory at Qwen2.5's vocabulary. With vLLM importable: the colocated vLLM step in bf16.
 With 2+ GPUs: two ranks with one colocated vLLM engine each, and the rollout server on its own GPU.
 """
@@ -109,6 +110,21 @@ def test_bf16_lora_step_saves_an_adapter_and_resumes(tiny_model, tmp_path, stage
     assert all(0 < r["grad_norm"] < 1e3 for r in rows) and rows[1]["kl"] > 0
     assert_step_2_resumes(tiny_model, out, tmp_path / "resumed", common, rows)
     assert (out / "checkpoints" / "step-000002" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (pip install bitsandbytes)")
+@pytest.mark.parametrize("stage", ["0", "2"])
+def test_bf16_qlora_step_on_a_4bit_base_resumes(tiny_model, tmp_path, stage):
+    """Q-LoRA on the GPU: bitsandbytes' CUDA 4-bit kernels under the adapters, bf16 compute, the
+    reference = the 4-bit base, adapter checkpoint with base_quantization.json, exact resume."""
+    ds = () if stage == "0" else (f"deepspeed={ROOT / 'recipes' / f'deepspeed_zero{stage}.json'}",)
+    common = ("rollout=torch", "dtype=bfloat16", "beta=0.04", "max_steps=2", "save_steps=1", "lora_rank=8",
+              "lora_alpha=16", "learning_rate=1e-2", "lora_quantize=nf4", *ds)
+    out = tmp_path / "run"
+    rows = train(tiny_model, out, *common)
+    assert all(0 < r["grad_norm"] < 1e3 for r in rows) and rows[1]["kl"] > 0
+    assert_step_2_resumes(tiny_model, out, tmp_path / "resumed", common, rows)
+    assert (out / "checkpoints" / "step-000002" / "adapter" / "base_quantization.json").is_file()
 
 
 @pytest.mark.parametrize("stage, dtype", [("0", "bfloat16"), ("2", "bfloat16"), ("3", "bfloat16")])

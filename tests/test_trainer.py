@@ -18,11 +18,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = str(ROOT / "tests" / "tiny_task.py")
 
 
-def run(model, out, *args, launcher=()):
+def run(model, out, *args, launcher=(), stdout=None):
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT / "tests")}
     proc = subprocess.run([*launcher, *(() if launcher else (sys.executable,)), SCRIPT, str(model), str(out), *args],
                           capture_output=True, text=True, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    if stdout is not None:
+        stdout.append(proc.stdout + proc.stderr)
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -32,7 +34,12 @@ def tail_mean(rows, key, k=5):
 
 def test_learns_with_vllm_and_sign_flipped_twin_does_not(tiny_model, tmp_path):
     # A fresh model says "a" for ~1/31 of its words. 30 steps x 32 completions.
-    rows = run(tiny_model, tmp_path / "learn", "rollout=vllm")
+    console = []
+    rows = run(tiny_model, tmp_path / "learn", "rollout=vllm", stdout=console)
+    # log_level error (the default): vLLM's and DeepSpeed's own notices stay off the console
+    chatter = [line for line in console[0].splitlines()
+               if " INFO " in line or " WARNING " in line or "built successfully" in line or "Loading" in line]
+    assert not chatter and "step 30: reward" in console[0], chatter[:5]
     start, end = rows[0]["reward/says_a/mean"], tail_mean(rows, "reward/says_a/mean")
     assert start < 0.1, start
     assert end > 0.8, [round(r["reward/says_a/mean"], 3) for r in rows]
@@ -71,8 +78,17 @@ def test_skipping_zero_advantage_micro_batches_changes_no_update(tiny_model, tmp
 
 def test_outputs_and_checkpoint_load_in_transformers(tiny_model, tmp_path):
     out = tmp_path / "run"
+    console = []
     rows = run(tiny_model, out, "rollout=torch", "max_steps=3", "save_steps=2", "save_total_limit=1",
-               "beta=0.04", "eval_steps=2")
+               "beta=0.04", "eval_steps=2", "eval_before_training=true", stdout=console)
+    # the step-0 evaluation: its own row, before any update; the summary compares it with the last
+    before, rows = rows[0], rows[1:]
+    assert before["step"] == 0 and set(before) == {"step", "eval/tasks", "eval/success_rate", "eval/completion_length",
+                                                   "eval/says_a"}, before
+    assert before["eval/tasks"] == 8 and 0 < before["eval/completion_length"] <= 8
+    summary = [line for line in console[0].splitlines() if "held-out, 8 tasks, greedy, without stop strings" in line]
+    assert len(summary) == 1 and f"success rate {before['eval/success_rate']:.2f} -> " \
+        f"{rows[-1]['eval/success_rate']:.2f}" in summary[0], console[0][-2000:]
     for name in ("metrics.jsonl", "config.yaml", "curves.png", "completion_samples.txt",
                  "success_completion_samples.txt"):
         assert (out / name).is_file(), name

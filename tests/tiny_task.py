@@ -146,6 +146,7 @@ TINY_DEFAULTS = [
     "max_prompt_length=16", "max_completion_length=8", "learning_rate=3e-3", "warmup_ratio=0.0",
     "lr_scheduler_type=constant", "beta=0.0", "success_reward=says_a", "eval_num_samples=8",
     "num_completion_samples=2", "vllm_kv_cache_gib=0.25", "vllm_enforce_eager=true",
+    "eval_before_training=false",  # rows[0] is step 1; test_trainer checks the step-0 evaluation
 ]
 
 

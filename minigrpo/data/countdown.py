@@ -17,6 +17,7 @@ off `test_size` (10%) as the test set, deterministically for a seed.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import warnings
@@ -35,6 +36,8 @@ _FILE_READERS = {
     ".parquet": pq.read_table, ".jsonl": pj.read_json, ".json": pj.read_json, ".csv": pcsv.read_csv,
 }
 _GENERATOR_NAMES = ("generate", "generator")
+_GENERATOR_DEFAULTS = {k: p.default for k, p in inspect.signature(generate_countdown).parameters.items()
+                       if p.kind is p.KEYWORD_ONLY and k != "seed"}
 _INT_TEXT = re.compile(r"\s*-?[0-9]+\s*")  # ASCII digits only
 
 
@@ -44,6 +47,7 @@ def load_countdown(
     num_samples: int | None = None,
     test_size: float | int = 0.1,
     seed: int = 42,
+    difficulty: dict | None = None,
 ) -> datasets.DatasetDict:
     """Countdown tasks as `DatasetDict({"train": ..., "test": ...})` with int `target` and list-of-int `nums`.
 
@@ -55,6 +59,9 @@ def load_countdown(
             then makes `GENERATED_SIZE`). More rows than the source has is an error.
         test_size: fraction (float in (0, 1)) or number (int) of the kept rows that form "test".
         seed: seeds the shuffle, the split, and the generator.
+        difficulty: the generator's `min_numbers`, `max_numbers`, `max_number`, `max_target`
+            (`generate_countdown`; `Config.generator_difficulty()`). Values other than the
+            generator's defaults are refused for other sources (a hub or file tier is its data).
 
     Raises:
         FileNotFoundError: a path that does not exist.  ValueError: bad rows or arguments (naming the row).
@@ -62,6 +69,9 @@ def load_countdown(
     """
     if num_samples is not None and num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    difficulty = difficulty or {}
+    if str(source) not in _GENERATOR_NAMES and any(v != _GENERATOR_DEFAULTS[k] for k, v in difficulty.items()):
+        raise ValueError(f"difficulty {difficulty} applies to the generator (source='generate'), not to {source!r}")
     if source is None:
         try:
             dataset = _from_hub(HUB_DATASET)
@@ -71,9 +81,9 @@ def load_countdown(
                 f"Countdown generator instead (seed={seed})",
                 stacklevel=2,
             )
-            dataset = _generated(num_samples, seed)
+            dataset = _generated(num_samples, seed, difficulty)
     elif str(source) in _GENERATOR_NAMES:
-        dataset = _generated(num_samples, seed)
+        dataset = _generated(num_samples, seed, difficulty)
     elif Path(source).suffix.lower() in _FILE_READERS or Path(source).is_file():
         dataset = read_countdown_file(source)
     else:  # a hub name, or a local folder laid out like a hub dataset: load_dataset reads both
@@ -122,8 +132,8 @@ def normalize_countdown(dataset: datasets.Dataset, origin: str = "dataset") -> d
     return datasets.Dataset.from_dict(columns, features=features)
 
 
-def _generated(num_samples: int | None, seed: int) -> datasets.Dataset:
-    columns = generate_countdown(GENERATED_SIZE if num_samples is None else num_samples, seed=seed)
+def _generated(num_samples: int | None, seed: int, difficulty: dict) -> datasets.Dataset:
+    columns = generate_countdown(GENERATED_SIZE if num_samples is None else num_samples, seed=seed, **difficulty)
     features = datasets.Features(
         {"target": datasets.Value("int64"), "nums": datasets.Sequence(datasets.Value("int64"))}
     )

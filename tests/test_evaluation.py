@@ -1,0 +1,63 @@
+"""How held-out tasks are generated (with or without the training stop strings) and the run's
+before/after summary line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minigrpo import Config
+from minigrpo.evaluation import greedy_sampling
+from minigrpo.runlog import before_after, eval_line
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_evaluation_runs_without_the_training_stop_strings_unless_asked():
+    cfg = Config(stop=["</answer>"], max_completion_length=96)
+    plain = greedy_sampling(cfg)
+    assert plain.stop == () and plain.temperature == 0.0 and plain.max_tokens == 96 and plain.n == 1
+    assert greedy_sampling(Config(stop=["</answer>"], eval_stop=True)).stop == ("</answer>",)
+    assert greedy_sampling(cfg, stop=True).stop == ("</answer>",)  # evaluate_countdown's "with" pass
+
+
+def test_before_after_compares_the_first_and_last_evaluation():
+    history = [
+        {"step": 0, "eval/tasks": 100.0, "eval/format_rate": 0.0, "eval/success_rate": 0.0, "eval/completion_length": 121.4},
+        {"step": 1, "reward/total/mean": 0.1},  # a step without evaluation
+        {"step": 10, "eval/tasks": 100.0, "eval/format_rate": 0.5, "eval/success_rate": 0.01, "eval/completion_length": 60.0},
+        {"step": 20, "eval/tasks": 100.0, "eval/format_rate": 0.93, "eval/success_rate": 0.02, "eval/completion_length": 31.6},
+    ]
+    line = before_after(history, "greedy, without stop strings")
+    assert line == ("held-out, 100 tasks, greedy, without stop strings, step 0 -> 20: "
+                    "format rate 0.00 -> 0.93, success rate 0.00 -> 0.02, length 121 -> 32")
+    assert before_after(history[:2], "x") is None  # one evaluation: nothing to compare
+    assert eval_line(history[-1]) == "format 0.93, success 0.02 on 100 tasks, 32 tokens"
+    no_format = {k: v for k, v in history[-1].items() if k != "eval/format_rate"}
+    assert eval_line(no_format) == "success 0.02 on 100 tasks, 32 tokens"
+
+
+@pytest.mark.slow
+def test_evaluate_countdown_reports_a_tier_per_number_count_with_and_without_stop(model_path, tmp_path):
+    """examples/evaluate_countdown.py on the real default model with vLLM: an easy tier (2-3 numbers
+    in 1..20), per number count, both generations (the greedy completions with the stop string
+    are the ones without it, cut after `</answer>`)."""
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, str(ROOT / "examples" / "evaluate_countdown.py"), "--model", str(model_path),
+           "--num", "12", "--min-numbers", "2", "--max-numbers", "3", "--max-number", "20", "--max-target", "100",
+           "--json", str(out), "--samples", "0", "vllm_enforce_eager=true", "vllm_kv_cache_gib=0.5",
+           "max_completion_length=48", "stop=[</answer>]"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["tasks"] == 12 and result["stop_strings"] == ["</answer>"]
+    assert result["difficulty"] == {"min_numbers": 2, "max_numbers": 3, "max_number": 20, "max_target": 100}
+    for name in ("with_stop", "without_stop"):
+        r = result[name]
+        assert set(r["by_count"]) <= {"2", "3"} and sum(c["tasks"] for c in r["by_count"].values()) == 12
+        assert 0 <= r["format_rate"] <= 1 and 0 <= r["success_rate"] <= 1 and 0 < r["completion_length_mean"] <= 48
+    # without the stop string no completion is shorter than with it
+    assert result["without_stop"]["completion_length_mean"] >= result["with_stop"]["completion_length_mean"]
+    assert "numbers  tasks  format  success" in proc.stdout
