@@ -147,8 +147,9 @@ class Config:
 
     # -- logging, evaluation, checkpoints
     logging_steps: int = 1
-    # vLLM's, DeepSpeed's and transformers' own messages (start-up chatter, per-push notices) below
-    # this level are hidden: debug | info | warning | error. minigrpo's own lines always show.
+    # vLLM's and DeepSpeed's own messages (start-up chatter, per-push notices) below this level are
+    # hidden: debug | info | warning | error. minigrpo's own lines always show, and so do
+    # transformers' warnings (newly initialized weights and the like) at any level.
     log_level: str = "error"
     eval_steps: int = 0  # 0 = only at the end
     eval_num_samples: int = 64

@@ -165,11 +165,13 @@ def _convert_gguf(gguf_dir: Path, gguf_name: str, out: Path) -> None:
 
 
 def set_transformers_log_level(level: str) -> None:
-    """transformers' messages below `level` (debug|info|warning|error) hidden; its loading progress
-    bars ("Loading weights") shown only at debug and info."""
+    """transformers' messages below `level` (debug|info|warning|error) hidden, but never its
+    warnings: "newly initialized weights" or a tokenizer mismatch is what a user must see even at
+    log_level error. Its loading progress bars ("Loading weights") show only at debug and info."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity(getattr(hf_logging, level.upper()))
+    shown = level if level in ("debug", "info") else "warning"
+    hf_logging.set_verbosity(getattr(hf_logging, shown.upper()))
     (hf_logging.enable_progress_bar if level in ("debug", "info") else hf_logging.disable_progress_bar)()
 
 
