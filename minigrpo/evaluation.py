@@ -23,35 +23,45 @@ def evaluate(rollout, eval_set, rewards, cfg, info, trainer_state=None) -> dict[
     the rewards receive `trainer_state` as in training.
 
     Returns `eval/<reward name>` (mean value), `eval/success_rate` (fraction where the success
-    reward is exactly 1), `eval/format_rate` when a reward named format_reward is present, and
-    `eval/completion_length` (mean tokens). Stop strings: `cfg.eval_stop` (`greedy_sampling`).
+    reward is exactly 1), `eval/format_rate` when a reward named format_reward is present,
+    `eval/completion_length` (mean tokens), `eval/tasks` and `eval/with_stop` (1.0 when generated
+    with the training stop strings: `cfg.eval_stop`, see `greedy_sampling`). Empty when there is
+    nothing to evaluate (`eval_num_samples` 0 or an empty held-out set), on every rank alike.
     """
     n = min(cfg.eval_num_samples, len(eval_set))
     if n == 0:
         return {}
+    taken = sorted(r.name for r in rewards if f"eval/{r.name}" in FIXED)
+    if taken:
+        raise ValueError(f"reward names collide with evaluation figures: {taken}; rename those reward functions")
     # Every rank answers as many prompts (the last ranks repeat prompt 0 and do not count it): a
     # lockstep engine (ZeRO-3) runs the same forward passes on every rank.
     idx = list(range(info.rank, -(-n // info.world_size) * info.world_size, info.world_size))
     real = [i < n for i in idx]
     prompts, ids, cols = eval_set.select([i if i < n else 0 for i in idx])
-    batch = rollout.generate(ids, greedy_sampling(cfg))
+    sampling = greedy_sampling(cfg)
+    batch = rollout.generate(ids, sampling)
     scores = score_completions(rewards, batch.texts, prompts, cols, 1, completion_ids=batch.completion_ids,
                                trainer_state=trainer_state, on_error=cfg.reward_on_error, timeout_s=cfg.reward_timeout)
-    sums = {"count": float(sum(real)), "completion_length": sum(len(c) for c, r in zip(batch.completion_ids, real) if r)}
+    # sums over this rank's real tasks; reward sums under "reward:" so no name can clash with ours
+    sums = {"count": float(sum(real)), "length": sum(len(c) for c, r in zip(batch.completion_ids, real) if r),
+            "success": sum(v == 1.0 and r for v, r in zip(scores.per_reward.get(cfg.success_reward, []), real)),
+            "format": sum(v == 1.0 and r for v, r in zip(scores.per_reward.get("format_reward", []), real))}
     for name, values in scores.per_reward.items():
-        sums[name] = sum(v or 0.0 for v, r in zip(values, real) if r)
-    sums["success"] = sum(v == 1.0 and r for v, r in zip(scores.per_reward.get(cfg.success_reward, []), real))
-    sums["format"] = sum(v == 1.0 and r for v, r in zip(scores.per_reward.get("format_reward", []), real))
+        sums[f"reward:{name}"] = sum(v or 0.0 for v, r in zip(values, real) if r)
     keys = sorted(sums)
     total = dict(zip(keys, collectives.all_reduce_scalars([float(sums[k]) for k in keys])))
-    count = max(total.pop("count"), 1.0)
-    out = {"eval/tasks": count, "eval/success_rate": total.pop("success") / count,
-           "eval/completion_length": total.pop("completion_length") / count}
-    fmt = total.pop("format")
-    if "format_reward" in sums:
-        out["eval/format_rate"] = fmt / count
-    out.update({f"eval/{k}": v / count for k, v in total.items()})
+    count = max(total["count"], 1.0)
+    out = {"eval/tasks": count, "eval/with_stop": float(bool(sampling.stop)),
+           "eval/success_rate": total["success"] / count, "eval/completion_length": total["length"] / count}
+    if "format_reward" in scores.per_reward:
+        out["eval/format_rate"] = total["format"] / count
+    out.update({f"eval/{k.removeprefix('reward:')}": v / count for k, v in total.items() if k.startswith("reward:")})
     return out
+
+
+# the figures evaluate() computes itself; a reward function with one of these names is refused
+FIXED = ("eval/tasks", "eval/with_stop", "eval/success_rate", "eval/completion_length", "eval/format_rate")
 
 
 def phrase_rate(texts: list[str], phrases: list[str]) -> float:

@@ -160,13 +160,18 @@ def eval_line(m: dict) -> str:
 
 
 def before_after(history: list[dict], how: str) -> str | None:
-    """One line comparing the first and the last held-out evaluation in a run's metrics rows (both
-    on the same tasks: the first eval_num_samples), or None with fewer than two; `how` says how
-    they were generated."""
+    """One line comparing the first and the last held-out evaluation in a run's metrics rows, or
+    None with fewer than two. Only like is compared with like: the first row taken is the first one
+    evaluated as the last was (the same number of tasks, the same stop strings), since a resumed
+    run may have changed eval_num_samples or eval_stop. `how` says how they were generated."""
     rows = [r for r in history if isinstance(r.get("eval/success_rate"), float)]
-    if len(rows) < 2:
+    if not rows:
         return None
-    a, b = rows[0], rows[-1]
+    b = rows[-1]
+    like = [r for r in rows if r.get("eval/tasks") == b.get("eval/tasks") and r.get("eval/with_stop") == b.get("eval/with_stop")]
+    if len(like) < 2:
+        return None
+    a = like[0]
     parts = [f"{name} {a[key]:{fmt}} -> {b[key]:{fmt}}"
              for key, name, fmt in (("eval/format_rate", "format rate", ".2f"), ("eval/success_rate", "success rate", ".2f"),
                                     ("eval/completion_length", "length", ".0f"))

@@ -152,8 +152,9 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
     eval_how = f"greedy, {'with the training' if cfg.eval_stop and cfg.stop else 'without'} stop strings"
     if start == 0 and eval_set is not None and cfg.eval_before_training:  # the summary's "before"
         before = evaluate(rollout, eval_set, rewards, cfg, info, _trainer_state(cfg, 0))
-        log.log(0, before)
-        if main:
+        if before:  # empty with eval_num_samples 0: no row, on every rank alike
+            log.log(0, before)
+        if main and before:
             print(f"[minigrpo] step 0, before training: held-out {eval_line(before)} ({eval_how})")
     progress = Progress(main, start, cfg.max_steps)
     stop = StopOnSignal()  # SIGINT/SIGTERM: finish this step, checkpoint, exit

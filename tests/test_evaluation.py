@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from minigrpo import Config
-from minigrpo.evaluation import greedy_sampling
+from minigrpo.evaluation import evaluate, greedy_sampling
+from minigrpo.rewards import Reward
 from minigrpo.runlog import before_after, eval_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,29 @@ def test_before_after_compares_the_first_and_last_evaluation():
     assert eval_line(history[-1]) == "format 0.93, success 0.02 on 100 tasks, 32 tokens"
     no_format = {k: v for k, v in history[-1].items() if k != "eval/format_rate"}
     assert eval_line(no_format) == "success 0.02 on 100 tasks, 32 tokens"
+
+
+def test_before_after_compares_only_like_evaluations():
+    """A resumed run that changed eval_num_samples or eval_stop: the "before" is the first row
+    evaluated as the last one was, and with no such earlier row there is no summary."""
+    row = {"eval/tasks": 100.0, "eval/with_stop": 0.0, "eval/success_rate": 0.0, "eval/completion_length": 100.0}
+    history = [{**row, "step": 0, "eval/tasks": 50.0}, {**row, "step": 5, "eval/with_stop": 1.0},
+               {**row, "step": 10, "eval/success_rate": 0.1}, {**row, "step": 20, "eval/success_rate": 0.3}]
+    assert before_after(history, "x") == "held-out, 100 tasks, x, step 10 -> 20: success rate 0.10 -> 0.30, length 100 -> 100"
+    assert before_after(history[:3], "x") is None  # steps 0 and 5 were evaluated otherwise than step 10
+
+
+def test_evaluate_refuses_a_reward_named_like_its_own_figures():
+    def tasks(completions, **kw):
+        return [0.0] * len(completions)
+
+    class OneTask:  # evaluate reaches the engine only after the names are checked
+        def __len__(self):
+            return 1
+
+    with pytest.raises(ValueError, match=r"collide with evaluation figures: \['tasks'\]"):
+        evaluate(None, OneTask(), [Reward(tasks)], Config(), None)
+    assert evaluate(None, OneTask(), [Reward(tasks)], Config(eval_num_samples=0), None) == {}
 
 
 @pytest.mark.slow

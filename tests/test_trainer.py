@@ -66,7 +66,10 @@ def test_skipping_zero_advantage_micro_batches_changes_no_update(tiny_model, tmp
     args = ("--reward=starts_with_a", "rollout=torch", "max_steps=4", "gradient_accumulation_steps=4", "logging_steps=1",
             "success_reward=starts_with_a")
     skipped = run(tiny_model, tmp_path / "skip", *args)
-    computed = run(tiny_model, tmp_path / "compute", *args, "skip_zero_advantage=false")
+    # also: a step-0 evaluation of 0 tasks is no evaluation (no row, no crash), not a KeyError
+    computed = run(tiny_model, tmp_path / "compute", *args, "skip_zero_advantage=false", "eval_before_training=true",
+                   "eval_num_samples=0")
+    assert [r["step"] for r in computed] == [1, 2, 3, 4]
     fractions = [r["skipped_micro_batches"] for r in skipped]
     assert 0 < sum(fractions) < len(fractions), fractions  # some skipped, some computed
     assert all(r["skipped_micro_batches"] == 0 for r in computed)
@@ -83,8 +86,9 @@ def test_outputs_and_checkpoint_load_in_transformers(tiny_model, tmp_path):
                "beta=0.04", "eval_steps=2", "eval_before_training=true", stdout=console)
     # the step-0 evaluation: its own row, before any update; the summary compares it with the last
     before, rows = rows[0], rows[1:]
-    assert before["step"] == 0 and set(before) == {"step", "eval/tasks", "eval/success_rate", "eval/completion_length",
-                                                   "eval/says_a"}, before
+    assert before["step"] == 0 and set(before) == {"step", "eval/tasks", "eval/with_stop", "eval/success_rate",
+                                                   "eval/completion_length", "eval/says_a"}, before
+    assert before["eval/with_stop"] == 0.0
     assert before["eval/tasks"] == 8 and 0 < before["eval/completion_length"] <= 8
     summary = [line for line in console[0].splitlines() if "held-out, 8 tasks, greedy, without stop strings" in line]
     assert len(summary) == 1 and f"success rate {before['eval/success_rate']:.2f} -> " \
