@@ -5,7 +5,9 @@ A checkpoint folder holds:
                            transformers (`from_pretrained`) and vLLM. Full fine-tuning only.
     adapter/               LoRA only, instead of model/: the adapter in peft's format
                            (adapter_config.json, adapter_model.safetensors) plus the tokenizer;
-                           `examples/export_merged.py` writes the merged model.
+                           with Q-LoRA also base_quantization.json (the 4-bit scheme and the
+                           dtype the base was quantized from); `examples/export_merged.py`
+                           writes the merged model.
     deepspeed/             DeepSpeed engine state: optimizer, LR schedule, (ZeRO) partitions
                            (with LoRA: the adapters and their optimizer state only).
     trainer_state.json     step, data position, skipped-step counters, and the settings that fix

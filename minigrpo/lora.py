@@ -165,14 +165,16 @@ def peft_names(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(folder: Path, tensors: dict[str, torch.Tensor], *, rank: int, alpha: float, targets: list[str],
-                 base_model: str, quantize: str | None = None) -> None:
+                 base_model: str, quantize: str | None = None, dtype: str = "float32") -> None:
     """`folder/adapter_config.json` and `adapter_model.safetensors`, as peft writes a LoRA adapter;
-    with a quantized base (Q-LoRA) also `base_quantization.json`, which `export_merged` reads."""
+    with a quantized base (Q-LoRA) also `base_quantization.json`, which `export_merged` reads: the
+    scheme and `dtype`, the dtype the base was loaded in before quantizing (the 4-bit blocks' scales
+    are computed from it, so the export must quantize from the same dtype to reproduce them)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     if quantize is not None:
-        (folder / BASE_QUANTIZATION).write_text(json.dumps({"lora_quantize": quantize}))
+        (folder / BASE_QUANTIZATION).write_text(json.dumps({"lora_quantize": quantize, "dtype": dtype}))
     save_file(tensors, str(folder / ADAPTER_WEIGHTS))
     (folder / ADAPTER_CONFIG).write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
@@ -262,7 +264,9 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     base = resolve_model(config["base_model_name_or_path"])
     quantized = adapter_dir / BASE_QUANTIZATION
     if quantized.is_file():  # Q-LoRA: what the engine sampled from, dequantize(W_4bit) + s B A
-        _export_quantized(base, adapter_dir, out_dir, dtype, json.loads(quantized.read_text())["lora_quantize"])
+        recorded = json.loads(quantized.read_text())
+        # quantized from the training dtype (older checkpoints did not record it: they trained in float32)
+        _export_quantized(base, adapter_dir, out_dir, dtype, recorded["lora_quantize"], recorded.get("dtype", "float32"))
     else:
         model = load_causal_lm(base, dtype)
         load_adapter_into(model, adapter_dir)
@@ -272,22 +276,25 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     return out_dir
 
 
-def _export_quantized(base: Path, adapter_dir: Path, out_dir: Path, dtype: str, quant: str) -> None:
+def _export_quantized(base: Path, adapter_dir: Path, out_dir: Path, dtype: str, quant: str, trained_dtype: str) -> None:
     """The merged weights of a Q-LoRA adapter over the 4-bit base, computed as the weight push does
-    (dequantized base, adapters merged), written as a plain folder: the tensors in one safetensors
-    file, the base's own config (it has no quantization_config: the result is full precision)."""
+    (the base loaded in `trained_dtype` and quantized as in training, dequantized, adapters merged),
+    then cast to `dtype` and written as a plain folder: the tensors in one safetensors file, the
+    base's own config (it has no quantization_config: the result is full precision)."""
     import shutil
 
     from safetensors.torch import save_file
 
     from minigrpo.models import load_causal_lm
 
-    model = load_causal_lm(base, dtype, quantize=quant, device="cpu")
+    model = load_causal_lm(base, trained_dtype, quantize=quant, device="cpu")
     config = load_adapter_into(model, adapter_dir)
     tensors = merged(quantize.dequantized(model.named_parameters()), adapted_modules(model),
                      config["lora_alpha"] / config["r"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({name: t.contiguous() for name, t in tensors}, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    cast = getattr(torch, dtype)
+    save_file({name: t.to(cast).contiguous() for name, t in tensors}, str(out_dir / "model.safetensors"),
+              metadata={"format": "pt"})
     for name in ("config.json", "generation_config.json"):
         if (base / name).is_file():
             shutil.copy(base / name, out_dir / name)

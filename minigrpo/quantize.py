@@ -9,11 +9,13 @@ What the rollout engine samples from is the dequantized base plus the adapters: 
 the full-precision checkpoint, so before step 1 and after every update the trainer pushes
 dequantize(W_4bit) + s * B A for the adapted Linears and dequantize(W_4bit) for the rest. The exact
 push check compares the bits of those tensors on both sides; the trainer's own forward computes
-with the same dequantized values (bitsandbytes dequantizes then multiplies), so engine and trainer
-agree as closely as without quantization (the probe measures it).
+with the same dequantized values (for inputs of more than one row, bitsandbytes' matmul_4bit
+dequantizes then multiplies; only a single-row input without gradients takes its fused gemv
+kernel, which scoring never sends), so engine and trainer agree as closely as without
+quantization (the probe measures it, every run).
 
-Checked against bitsandbytes 0.50.2 on CPU (its pure-torch 4-bit path: quantize, dequantize,
-matmul_4bit) and transformers 5.19's BitsAndBytesConfig.
+Checked against bitsandbytes 0.50.2 on CPU only (its pure-torch 4-bit path: quantize, dequantize,
+matmul_4bit) and transformers 5.19's BitsAndBytesConfig; the CUDA kernels are `make test-gpu`'s.
 """
 
 from __future__ import annotations
@@ -82,4 +84,4 @@ def _require_bitsandbytes() -> None:
         if err.name != "bitsandbytes":
             raise
         raise ImportError("lora_quantize: nf4 needs bitsandbytes: pip install 'minigrpo[qlora]' "
-                          "(bitsandbytes>=0.46 runs 4-bit on CPUs as well as GPUs)") from None
+                          "(bitsandbytes>=0.50 runs 4-bit on CPUs as well as GPUs)") from None

@@ -108,7 +108,8 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
     if cfg.lora_rank > 0:
         targets = lora.add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
         adapter = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "base_model": str(model_path),
-                   "targets": sorted({t.rpartition(".")[2] for t in targets}), "quantize": cfg.lora_quantize}
+                   "targets": sorted({t.rpartition(".")[2] for t in targets}), "quantize": cfg.lora_quantize,
+                   "dtype": cfg.dtype}
     policy = PolicyEngine(model, cfg, layout)
     reference = None  # never loaded when beta == 0; with LoRA the policy with its adapters off
     if cfg.beta > 0:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.nn import functional as F
 
 from minigrpo import lora, quantize
@@ -57,9 +58,17 @@ def test_a_4bit_lora_linear_is_the_dequantized_base_plus_the_adapter(lora_model_
     # NF4 is a real approximation of the weights (~7% relative error per weight on this model)
     original = load_causal_lm(lora_model_dir).get_submodule(names[0]).weight
     assert 0.01 < ((w - original).norm() / original.norm()).item() < 0.2
-    # gradients reach the adapters through the 4-bit matmul
-    layer(x).sum().backward()
-    assert layer.lora_A.grad is not None and layer.lora_B.grad.abs().sum() > 0
+    # the gradients through the 4-bit matmul are those of the dequantized formula, for the adapters
+    # and for the input (what flows on to earlier layers)
+    a, b = layer.lora_A.detach().clone().requires_grad_(), layer.lora_B.detach().clone().requires_grad_()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    up = torch.randn(3, 5, layer.out_features)  # a non-uniform upstream gradient
+    (layer(x1) * up).sum().backward()
+    ((F.linear(x2, w, layer.bias) + layer.scaling * (x2 @ a.T) @ b.T) * up).sum().backward()
+    assert layer.lora_B.grad.abs().sum() > 0
+    torch.testing.assert_close(layer.lora_A.grad, a.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(layer.lora_B.grad, b.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_reference_is_the_4bit_base_and_the_push_is_the_model_sampled(lora_model_dir):
@@ -121,7 +130,7 @@ def test_qlora_resumes_exactly_and_exports(lora_model_dir, tmp_path, stage):
     folder = tmp_path / "full" / "checkpoints" / "step-000004"
     adapter = folder / "adapter"
     assert not (folder / "model").exists()
-    assert json.loads((adapter / lora.BASE_QUANTIZATION).read_text()) == {"lora_quantize": "nf4"}
+    assert json.loads((adapter / lora.BASE_QUANTIZATION).read_text()) == {"lora_quantize": "nf4", "dtype": "float32"}
     if stage == "0":
         # the export is what the engine sampled from: the Q-LoRA model's log-probs, in a plain folder
         out = lora.export_merged(adapter, tmp_path / "merged")
@@ -140,3 +149,11 @@ def test_qlora_in_bfloat16(lora_model_dir, tmp_path):
                "learning_rate=1e-2", "beta=0.04", "lora_quantize=nf4", "max_steps=3")
     assert all(isinstance(r["loss"], float) and isinstance(r["grad_norm"], float) for r in rows)
     assert rows[-1]["kl"] > 0
+    # the export quantizes the base from bf16, as training did, then casts: a float32 export holds
+    # bf16 values (quantized from float32 instead, the dequantized blocks would not be)
+    adapter = tmp_path / "bf16" / "checkpoints" / "step-000003" / "adapter"
+    assert json.loads((adapter / lora.BASE_QUANTIZATION).read_text()) == {"lora_quantize": "nf4", "dtype": "bfloat16"}
+    out = lora.export_merged(adapter, tmp_path / "merged", dtype="float32")
+    tensors = load_file(str(out / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    assert all(torch.equal(t, t.to(torch.bfloat16).float()) for t in tensors.values())
