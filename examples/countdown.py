@@ -20,10 +20,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from minigrpo import Config, train  # noqa: E402
 from minigrpo.data import R1_COUNTDOWN, load_countdown  # noqa: E402
-from minigrpo.rewards import equation_reward, format_reward, tag_reward  # noqa: E402
+from minigrpo.rewards import closeness_reward, equation_reward, format_reward, numbers_reward, tag_reward  # noqa: E402
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "countdown_cpu.yaml"
-COUNTDOWN_REWARDS = {f.__name__: f for f in (format_reward, equation_reward, tag_reward)}  # the recipe's `rewards` names
+# the recipe's `rewards` names: the strict ones, and the shaping ones for small models
+COUNTDOWN_REWARDS = {f.__name__: f for f in (format_reward, equation_reward, tag_reward, numbers_reward, closeness_reward)}
 
 
 def main() -> None:

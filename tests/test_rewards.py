@@ -386,3 +386,55 @@ def test_property_never_raises_and_scores_one_only_when_correct(data):
     clean = re.fullmatch(r"[0-9+\-*/() ]*", answer) and "**" not in answer and "//" not in answer
     if clean and completion != answer and _reference_value(answer, nums) == target:
         assert score == 1.0, (answer, nums, target)
+
+
+def _answer(text):
+    return f"I try.</think>\n<answer>{text}</answer>"
+
+
+@pytest.mark.parametrize("answer, expected, why", [
+    ("1 + 2 = 3", 0.0, "the prompt's example: none of the numbers"),
+    ("70 + 28 - 10 = 88", 1.0, "each number once (the value is not this reward's business)"),
+    ("(70 - 28) * 10", 1.0, "parentheses and order do not matter"),
+    ("70 + 28 = 98", 2 / 3, "two of three"),
+    ("70 + 28 + 28 + 10", 3 / 4, "one used twice: 3 of 4 literals match"),
+    ("70 + 28 + 10 + 5", 3 / 4, "an extra number"),
+    ("88", 0.0, "the target alone"),
+])
+def test_numbers_reward_hand_cases(answer, expected, why):
+    from minigrpo.rewards import numbers_reward
+
+    assert numbers_reward([_answer(answer)], nums=[[70, 28, 10]]) == [pytest.approx(expected)], why
+
+
+def test_numbers_reward_without_an_answer_and_misaligned_columns():
+    from minigrpo.rewards import numbers_reward
+
+    assert numbers_reward(["no answer here", "70 28 10"], nums=[[70, 28, 10]] * 2) == [0.0, 0.0]
+    with pytest.raises(ValueError, match="2 completions and 1 nums"):
+        numbers_reward(["a", "b"], nums=[[1, 2]])
+
+
+@pytest.mark.parametrize("answer, expected, why", [
+    ("70 + 28 - 10", 1.0, "exactly the target (88)"),
+    ("70 + 28 - 10 = 5", 1.0, "a wrong claimed value is equation_reward's business"),
+    ("70 - 28 + 10", 1 - 36 / 88, "52: off by 36 of 88"),
+    ("(70 - 28) * 10", 0.0, "420: off by more than the target"),
+    ("70 + 28", 0.0, "not every number used: not an equation over the numbers"),
+    ("1 + 2 = 3", 0.0, "other numbers"),
+    ("70 / 28 * 10 + 63", 0.0, "63 is not given"),
+    ("(70 + 10) / 28", 1 - (88 - 80 / 28) / 88, "fractions are exact"),
+])
+def test_closeness_reward_hand_cases(answer, expected, why):
+    from minigrpo.rewards import closeness_reward
+
+    assert closeness_reward([_answer(answer)], target=[88], nums=[[70, 28, 10]]) == [pytest.approx(expected)], why
+
+
+def test_closeness_reward_is_one_exactly_where_the_value_is_the_target():
+    from minigrpo.rewards import closeness_reward, equation_reward
+
+    completions = [_answer(a) for a in ("3 * 4 + 5", "3 * 4 - 5", "(3 + 4) * 5", "3 + 4 + 5 = 12")]
+    close = closeness_reward(completions, target=[17, 17, 17, 12], nums=[[3, 4, 5]] * 4)
+    exact = equation_reward(completions, target=[17, 17, 17, 12], nums=[[3, 4, 5]] * 4)
+    assert [c == 1.0 for c in close] == [e == 1.0 for e in exact] == [True, False, False, True]

@@ -6,12 +6,14 @@ of them under a hard time limit and fails loudly.
 """
 
 from minigrpo.rewards.countdown import (
+    closeness_reward,
     completion_text,
     equation_reward,
     extract_answer,
     format_reward,
     is_correct_equation,
     is_well_formatted,
+    numbers_reward,
     tag_reward,
 )
 from minigrpo.rewards.expression import InvalidExpression, evaluate_answer
@@ -33,6 +35,7 @@ __all__ = [
     "RewardError",
     "RewardScores",
     "RewardWarning",
+    "closeness_reward",
     "completion_text",
     "equation_reward",
     "evaluate_answer",
@@ -40,6 +43,7 @@ __all__ = [
     "format_reward",
     "is_correct_equation",
     "is_well_formatted",
+    "numbers_reward",
     "repeat_columns",
     "score_completions",
     "tag_reward",

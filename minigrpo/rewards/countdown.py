@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import operator
 import re
+from collections import Counter
 from collections.abc import Sequence
 
 from minigrpo.rewards.expression import InvalidExpression, evaluate_answer
@@ -165,6 +166,61 @@ def equation_reward(completions: list, target: Sequence, nums: Sequence, **colum
             raise ValueError(f"nums must be a list of integers, got the string {ns!r}")
         scores.append(1.0 if is_correct_equation(completion_text(c), as_int(t), [as_int(x) for x in ns]) else 0.0)
     return scores
+
+
+_LITERAL = re.compile(r"[0-9]+")
+
+
+def numbers_reward(completions: list, nums: Sequence, **columns) -> list[float]:
+    """Shaping: how closely the integers written in the last answer (left of any `=`) are the task's
+    numbers, each once, as a multiset: |used & given| / max(|used|, |given|). 1.0 exactly when they
+    are the given numbers; 0.0 without an answer. `1 + 2 = 3` for [70, 28, 10] scores 0.
+
+    Why it exists: a 135M model that learned the format answers with the prompt's own example
+    (`1 + 2 = 3`), whatever the numbers, and nothing in the strict rewards moves it toward the
+    numbers until an answer is exactly right. Report `equation_reward` as the success rate."""
+    _check_aligned("numbers_reward", completions, nums=nums)
+    scores = []
+    for c, ns in zip(completions, nums):
+        answer = extract_answer(completion_text(c))
+        given = Counter(as_int(x) for x in _number_list(ns))
+        if answer is None or not given:
+            scores.append(0.0)
+            continue
+        used = Counter(int(t) for t in _LITERAL.findall(answer.split("=")[0]))
+        scores.append(sum((used & given).values()) / max(sum(used.values()), sum(given.values())))
+    return scores
+
+
+def closeness_reward(completions: list, target: Sequence, nums: Sequence, **columns) -> list[float]:
+    """Shaping: for an answer that is a valid equation over exactly the given numbers (each once,
+    `evaluate_answer`'s rules), 1 - min(|value - target| / target, 1); 0.0 otherwise. 1.0 exactly
+    when the value is the target (an `= value` that disagrees is not checked here: `equation_reward`
+    is the strict judge and the reported success rate)."""
+    _check_aligned("closeness_reward", completions, target=target, nums=nums)
+    scores = []
+    for c, t, ns in zip(completions, target, nums):
+        answer, goal, value = extract_answer(completion_text(c)), as_int(t), None
+        if answer is not None:
+            try:
+                value, _ = evaluate_answer(answer, [as_int(x) for x in _number_list(ns)])  # exact Fraction
+            except InvalidExpression:
+                pass  # not an equation over the given numbers: no credit
+        scores.append(0.0 if value is None else float(1 - min(abs(value - goal) / max(abs(goal), 1), 1)))
+    return scores
+
+
+def _check_aligned(name: str, completions: list, **columns: Sequence) -> None:
+    """A data error (columns not aligned with the completions) must raise, not score 0."""
+    for key, column in columns.items():
+        if len(column) != len(completions):
+            raise ValueError(f"{name} got {len(completions)} completions and {len(column)} {key}")
+
+
+def _number_list(ns) -> list:
+    if isinstance(ns, str):  # e.g. "[1, 2, 3]" from a CSV that was not parsed
+        raise ValueError(f"nums must be a list of integers, got the string {ns!r}")
+    return list(ns)
 
 
 def as_int(value) -> int:
