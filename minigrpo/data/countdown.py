@@ -37,7 +37,7 @@ _FILE_READERS = {
 }
 _GENERATOR_NAMES = ("generate", "generator")
 _GENERATOR_DEFAULTS = {k: p.default for k, p in inspect.signature(generate_countdown).parameters.items()
-                       if p.kind is p.KEYWORD_ONLY and k != "seed"}
+                       if p.kind is p.KEYWORD_ONLY and k not in ("seed", "solutions")}
 _INT_TEXT = re.compile(r"\s*-?[0-9]+\s*")  # ASCII digits only
 
 
@@ -48,6 +48,7 @@ def load_countdown(
     test_size: float | int = 0.1,
     seed: int = 42,
     difficulty: dict | None = None,
+    solutions: bool = False,
 ) -> datasets.DatasetDict:
     """Countdown tasks as `DatasetDict({"train": ..., "test": ...})` with int `target` and list-of-int `nums`.
 
@@ -62,6 +63,8 @@ def load_countdown(
         difficulty: the generator's `min_numbers`, `max_numbers`, `max_number`, `max_target`
             (`generate_countdown`; `Config.generator_difficulty()`). Values other than the
             generator's defaults are refused for other sources (a hub or file tier is its data).
+        solutions: the generator's known answers as columns `steps` and `equation`
+            (`generate_countdown`), for a supervised warm-up; the same tasks and split as without.
 
     Raises:
         FileNotFoundError: a path that does not exist.  ValueError: bad rows or arguments (naming the row).
@@ -72,6 +75,8 @@ def load_countdown(
     difficulty = difficulty or {}
     if str(source) not in _GENERATOR_NAMES and any(v != _GENERATOR_DEFAULTS[k] for k, v in difficulty.items()):
         raise ValueError(f"difficulty {difficulty} applies to the generator (source='generate'), not to {source!r}")
+    if solutions and str(source) not in _GENERATOR_NAMES:
+        raise ValueError(f"solutions=True needs the generator (source='generate'): {source!r} has no known answers")
     if source is None:
         try:
             dataset = _from_hub(HUB_DATASET)
@@ -83,7 +88,7 @@ def load_countdown(
             )
             dataset = _generated(num_samples, seed, difficulty)
     elif str(source) in _GENERATOR_NAMES:
-        dataset = _generated(num_samples, seed, difficulty)
+        dataset = _generated(num_samples, seed, difficulty, solutions)
     elif Path(source).suffix.lower() in _FILE_READERS or Path(source).is_file():
         dataset = read_countdown_file(source)
     else:  # a hub name, or a local folder laid out like a hub dataset: load_dataset reads both
@@ -132,12 +137,13 @@ def normalize_countdown(dataset: datasets.Dataset, origin: str = "dataset") -> d
     return datasets.Dataset.from_dict(columns, features=features)
 
 
-def _generated(num_samples: int | None, seed: int, difficulty: dict) -> datasets.Dataset:
-    columns = generate_countdown(GENERATED_SIZE if num_samples is None else num_samples, seed=seed, **difficulty)
-    features = datasets.Features(
-        {"target": datasets.Value("int64"), "nums": datasets.Sequence(datasets.Value("int64"))}
-    )
-    return datasets.Dataset.from_dict({"target": columns["target"], "nums": columns["nums"]}, features=features)
+def _generated(num_samples: int | None, seed: int, difficulty: dict, solutions: bool = False) -> datasets.Dataset:
+    columns = generate_countdown(GENERATED_SIZE if num_samples is None else num_samples, seed=seed,
+                                 solutions=solutions, **difficulty)
+    features = {"target": datasets.Value("int64"), "nums": datasets.Sequence(datasets.Value("int64"))}
+    if solutions:
+        features.update(steps=datasets.Sequence(datasets.Value("string")), equation=datasets.Value("string"))
+    return datasets.Dataset.from_dict({k: columns[k] for k in features}, features=datasets.Features(features))
 
 
 def _from_hub(name: str) -> datasets.Dataset:
