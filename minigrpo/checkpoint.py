@@ -88,7 +88,8 @@ def prune(output_dir: Path, keep: int) -> None:
 def save(output_dir: Path, step: int, policy, tokenizer, state: dict, rank: int, keep: int,
          adapter: dict | None = None) -> Path:
     """Write checkpoint `step` atomically; every rank calls it (the DeepSpeed save and the ZeRO-3
-    gather are collective). `adapter` (LoRA): `lora.save_adapter`'s rank, alpha, targets, base_model."""
+    gather are collective). `adapter` (LoRA): `lora.save_adapter`'s keyword arguments (rank, alpha,
+    targets, base_model, quantize, dtype)."""
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:

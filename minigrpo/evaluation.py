@@ -18,6 +18,18 @@ def greedy_sampling(cfg, stop: bool | None = None) -> Sampling:
                     stop=tuple(cfg.stop) if stop else (), seed=0)
 
 
+# the figures evaluate() computes itself; a reward function with one of these names is refused
+FIXED = ("eval/tasks", "eval/with_stop", "eval/success_rate", "eval/completion_length", "eval/format_rate")
+
+
+def check_reward_names(rewards) -> None:
+    """Refuse rewards whose `eval/<name>` would overwrite one of evaluate()'s own figures. The
+    trainer calls it at start-up, so a clash cannot surface at the last step's evaluation."""
+    taken = sorted(r.name for r in rewards if f"eval/{r.name}" in FIXED)
+    if taken:
+        raise ValueError(f"reward names collide with evaluation figures: {taken}; rename those reward functions")
+
+
 def evaluate(rollout, eval_set, rewards, cfg, info, trainer_state=None) -> dict[str, float]:
     """Greedy completions for the first `cfg.eval_num_samples` held-out prompts, split over ranks;
     the rewards receive `trainer_state` as in training.
@@ -31,9 +43,7 @@ def evaluate(rollout, eval_set, rewards, cfg, info, trainer_state=None) -> dict[
     n = min(cfg.eval_num_samples, len(eval_set))
     if n == 0:
         return {}
-    taken = sorted(r.name for r in rewards if f"eval/{r.name}" in FIXED)
-    if taken:
-        raise ValueError(f"reward names collide with evaluation figures: {taken}; rename those reward functions")
+    check_reward_names(rewards)
     # Every rank answers as many prompts (the last ranks repeat prompt 0 and do not count it): a
     # lockstep engine (ZeRO-3) runs the same forward passes on every rank.
     idx = list(range(info.rank, -(-n // info.world_size) * info.world_size, info.world_size))
@@ -58,10 +68,6 @@ def evaluate(rollout, eval_set, rewards, cfg, info, trainer_state=None) -> dict[
         out["eval/format_rate"] = total["format"] / count
     out.update({f"eval/{k.removeprefix('reward:')}": v / count for k, v in total.items() if k.startswith("reward:")})
     return out
-
-
-# the figures evaluate() computes itself; a reward function with one of these names is refused
-FIXED = ("eval/tasks", "eval/with_stop", "eval/success_rate", "eval/completion_length", "eval/format_rate")
 
 
 def phrase_rate(texts: list[str], phrases: list[str]) -> float:

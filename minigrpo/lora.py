@@ -265,8 +265,9 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     quantized = adapter_dir / BASE_QUANTIZATION
     if quantized.is_file():  # Q-LoRA: what the engine sampled from, dequantize(W_4bit) + s B A
         recorded = json.loads(quantized.read_text())
-        # quantized from the training dtype (older checkpoints did not record it: they trained in float32)
-        _export_quantized(base, adapter_dir, out_dir, dtype, recorded["lora_quantize"], recorded.get("dtype", "float32"))
+        # quantized from the training dtype; checkpoints written before it was recorded: from the
+        # export's dtype, as the export then did (exact for runs trained in that dtype)
+        _export_quantized(base, adapter_dir, out_dir, dtype, recorded["lora_quantize"], recorded.get("dtype", dtype))
     else:
         model = load_causal_lm(base, dtype)
         load_adapter_into(model, adapter_dir)

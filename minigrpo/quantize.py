@@ -8,14 +8,16 @@ stay in `dtype` and train; the reference is the 4-bit base with the adapters off
 What the rollout engine samples from is the dequantized base plus the adapters: the engine loads
 the full-precision checkpoint, so before step 1 and after every update the trainer pushes
 dequantize(W_4bit) + s * B A for the adapted Linears and dequantize(W_4bit) for the rest. The exact
-push check compares the bits of those tensors on both sides; the trainer's own forward computes
-with the same dequantized values (for inputs of more than one row, bitsandbytes' matmul_4bit
-dequantizes then multiplies; only a single-row input without gradients takes its fused gemv
-kernel, which scoring never sends), so engine and trainer agree as closely as without
-quantization (the probe measures it, every run).
+push check compares the bits of those tensors on both sides. On this CPU the trainer's own forward
+computes with the same dequantized values (bitsandbytes 0.50's default CPU path dequantizes, then
+multiplies), so engine and trainer agree as closely as without quantization. Elsewhere they may
+not quite: where no gradient is needed (the reference pass, old log-probs, the first block under
+LoRA) matmul_4bit takes gemm_4bit, which on CUDA can be a fused kernel (and on CPUs with
+AVX512-BF16 a bf16 one, which `no_cpu_repacking` turns off). The weight-push probe measures the
+engine/trainer gap at start-up, and `logprob_gap` every step, so a drift shows.
 
-Checked against bitsandbytes 0.50.2 on CPU only (its pure-torch 4-bit path: quantize, dequantize,
-matmul_4bit) and transformers 5.19's BitsAndBytesConfig; the CUDA kernels are `make test-gpu`'s.
+Checked against bitsandbytes 0.50.2 on CPU only (quantize, dequantize, matmul_4bit) and
+transformers 5.19's BitsAndBytesConfig; the CUDA kernels are `make test-gpu`'s.
 """
 
 from __future__ import annotations

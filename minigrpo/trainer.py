@@ -29,7 +29,7 @@ from minigrpo.algo import (LOSS_TERMS, group_advantages, grpo_loss, loss_is_zero
 from minigrpo.batching import prepare_prompts, prompt_indices, required_columns, reward_columns, rollout_seed
 from minigrpo.config import Config, ConfigError
 from minigrpo.engine import PolicyEngine, init_distributed, warmup_steps
-from minigrpo.evaluation import evaluate, phrase_rate
+from minigrpo.evaluation import check_reward_names, evaluate, phrase_rate
 from minigrpo.models import load_causal_lm, load_tokenizer, resolve_model, set_transformers_log_level
 from minigrpo.rewards import REWARD_ARGUMENTS, Reward, RewardScores, repeat_columns, score_completions
 from minigrpo.rewards.isolation import accepted_keywords
@@ -86,6 +86,8 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
                 accepted_keywords(r.fn, offered)
             except TypeError as e:
                 raise ValueError(f"reward {r.name!r} {e}") from None
+    if eval_dataset is not None:
+        check_reward_names(rewards)  # now, not at the first evaluation (maybe the last step)
     set_transformers_log_level(cfg.log_level)
     model_path = resolve_model(cfg.model, cfg.model_cache_dir)  # a bad path fails here, in one line
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)

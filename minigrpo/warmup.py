@@ -16,14 +16,18 @@ token, so the model learns to end its answer itself:
      7 + 10 = 17, 17 + 4 = 21.</think>
     <answer>(7 + 10) + 4 = 21</answer><|im_end|>
 
-Training: one process on one device (a GPU when there is one), plain AdamW at a constant rate,
-the chunked log-prob pass of GRPO's scoring (`scoring.completion_logprobs`), the loss of
+Training: one process on one device (a GPU when there is one), plain AdamW at a constant rate on
+float32 weights (with a bf16 recipe: bf16 autocast on CUDA, and the model saved in bf16; pure bf16
+weights would round most AdamW updates of this size away), dropout off, the
+chunked log-prob pass of GRPO's scoring (`scoring.completion_logprobs`), the loss of
 `algo.sft_loss`. Not DeepSpeed: a warm-up of a few dozen steps of a model that fits one device
-needs none of ZeRO, and keeping DeepSpeed in `engine.py` alone keeps this file small.
+needs none of ZeRO, and keeping DeepSpeed in `engine.py` alone keeps this file small. A model too
+large for one device in float32 with AdamW (16 bytes a parameter) needs another warm-up tool.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -38,8 +42,9 @@ import yaml
 from minigrpo.algo import sft_loss
 from minigrpo.config import Config, ConfigError
 from minigrpo.data import R1_COUNTDOWN, load_countdown
+from minigrpo.data.countdown import GENERATOR_NAMES
 from minigrpo.data.prompts import render_prompt, tokenize_prompts
-from minigrpo.models import load_causal_lm, load_tokenizer, resolve_model, set_transformers_log_level
+from minigrpo.models import disable_dropout, load_causal_lm, load_tokenizer, resolve_model, set_transformers_log_level
 from minigrpo.scoring import completion_logprobs
 
 
@@ -73,7 +78,9 @@ class WarmupConfig:
         """From a YAML file plus `key=value` overrides (YAML values); a relative `recipe` is read
         from the warm-up file's folder. Unknown keys are refused."""
         values = yaml.safe_load(Path(path).read_text()) or {}
-        for item in overrides:
+        if "recipe" in values and not Path(str(values["recipe"])).is_absolute():
+            values["recipe"] = str(Path(path).parent / str(values["recipe"]))
+        for item in overrides:  # a recipe= given here is relative to the working directory
             key, sep, raw = item.partition("=")
             if not sep:
                 raise ConfigError(f"override {item!r} is not key=value")
@@ -81,8 +88,8 @@ class WarmupConfig:
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
             raise ConfigError(f"unknown warm-up keys {unknown}")
-        if "recipe" in values and not Path(values["recipe"]).is_absolute():
-            values["recipe"] = str(Path(path).parent / values["recipe"])
+        if "recipe" not in values:
+            raise ConfigError("recipe: missing (the GRPO recipe this warm-up prepares for)")
         return cls(**values)
 
 
@@ -96,7 +103,7 @@ def warmup(wcfg: WarmupConfig) -> Path:
     Hugging Face folder, `<output_dir>/model` (with its tokenizer), plus `warmup_metrics.jsonl`.
     Returns the model folder, which a GRPO recipe takes as `model`."""
     cfg = Config.load(wcfg.recipe)  # every setting checked before the model loads
-    if str(cfg.dataset) not in ("generate", "generator"):
+    if str(cfg.dataset) not in GENERATOR_NAMES:
         raise ConfigError(f"the warm-up needs the recipe's dataset to be the generator (known answers), got {cfg.dataset!r}")
     set_transformers_log_level(cfg.log_level)
     random.seed(wcfg.seed)
@@ -116,14 +123,23 @@ def warmup(wcfg: WarmupConfig) -> Path:
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{path}'s tokenizer has no EOS token: a warm-up completion must end with one")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_causal_lm(path, cfg.dtype, cfg.trust_remote_code).to(device)
+    model = load_causal_lm(path, torch.float32, cfg.trust_remote_code).to(device)  # float32 master weights
+    disable_dropout(model)  # as the GRPO policy: the shared-prompt pass runs the prompt in eval mode
     model.train()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    low = getattr(torch, cfg.dtype)
+    # bf16 autocast on CUDA (no loss scaling needed); float16 would need a GradScaler: computed in float32
+    autocast = torch.autocast("cuda", dtype=low) if device.type == "cuda" and low == torch.bfloat16 \
+        else contextlib.nullcontext()
     prompts = tokenize_prompts(tokenizer, [render_prompt(tokenizer, r, R1_COUNTDOWN) for r in rows],
                                cfg.max_prompt_length)
     completions = [tokenizer(solution_completion(r["steps"], r["equation"], r["target"]),
                              add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in rows]
+    longest = max(len(c) for c in completions)
+    if longest > cfg.max_completion_length:  # GRPO would cut such answers: a warm-up toward truncation
+        raise ValueError(f"a warm-up solution has {longest} tokens, more than the recipe's "
+                         f"max_completion_length={cfg.max_completion_length}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=wcfg.learning_rate, weight_decay=0.0)
 
     with open(out / "warmup_metrics.jsonl", "w") as log:
@@ -131,7 +147,8 @@ def warmup(wcfg: WarmupConfig) -> Path:
             start = time.perf_counter()
             batch = slice((step - 1) * wcfg.batch_size, step * wcfg.batch_size)
             ids = completions[batch]
-            logprobs = completion_logprobs(model, prompts[batch], ids, pad_id=tokenizer.pad_token_id)  # [B, T]
+            with autocast:
+                logprobs = completion_logprobs(model, prompts[batch], ids, pad_id=tokenizer.pad_token_id)  # [B, T]
             mask = torch.zeros_like(logprobs)  # [B, T]
             for i, c in enumerate(ids):
                 mask[i, : len(c)] = 1.0
@@ -151,7 +168,7 @@ def warmup(wcfg: WarmupConfig) -> Path:
 
     model.eval()
     folder = out / "model"
-    model.save_pretrained(folder, safe_serialization=True)
+    model.to(low).save_pretrained(folder, safe_serialization=True)  # in the recipe's dtype
     tokenizer.save_pretrained(folder)
     (out / "warmup_config.yaml").write_text(yaml.safe_dump(asdict(wcfg), sort_keys=False))
     return folder

@@ -204,7 +204,7 @@ def test_last_answer_block_counts():
 
 
 def test_bad_columns_raise_instead_of_scoring_zero():
-    with pytest.raises(ValueError, match="1 completions, 2 targets"):
+    with pytest.raises(ValueError, match="equation_reward got 1 completions and 2 target"):
         equation_reward(["x"], target=[1, 2], nums=[[1]])
     with pytest.raises(ValueError, match=r"got the string '\[1, 2\]'"):
         equation_reward(["x"], target=[3], nums=["[1, 2]"])

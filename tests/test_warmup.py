@@ -24,6 +24,30 @@ def test_replay_writes_the_steps_and_the_equation_of_the_construction():
     assert _replay([9, 6, 12], [[1, 0, 1], [1, 0, 3]]) == (["6 - 9 = -3", "12 / -3 = -4"], "12 / (6 - 9)")
 
 
+def test_the_generator_makes_the_tasks_it_always_made():
+    """Pinned values (the same from the code before `solutions` existed): a change to the random
+    draws would silently change every recipe's data and invalidate resumes and comparisons."""
+    assert generate_countdown(3, seed=42) == {"nums": [[77, 22, 66], [72, 91, 16, 18], [17, 32, 50, 66]],
+                                              "target": [165, 17, 196]}
+    easy = generate_countdown(3, seed=42, min_numbers=2, max_numbers=3, max_number=20, max_target=100, solutions=True)
+    assert easy["nums"] == [[8, 2], [16, 5, 14], [12, 11, 18]] and easy["target"] == [16, 35, 5]
+    assert [evaluate_answer(e, n)[0] for e, n in zip(easy["equation"], easy["nums"])] == [16, 35, 5]
+
+
+def test_held_out_tasks_are_unseen():
+    """The easy tier repeats itself: the test split drops tasks that occur in train (the same
+    numbers in any order, the same target) and repeats within itself."""
+    easy = {"min_numbers": 2, "max_numbers": 3, "max_number": 20, "max_target": 100}
+    split = load_countdown("generate", num_samples=4000, test_size=0.05, seed=42, difficulty=easy)
+    key = lambda ns, t: (tuple(sorted(ns)), t)  # noqa: E731
+    train = {key(ns, t) for ns, t in zip(split["train"]["nums"], split["train"]["target"])}
+    test = [key(ns, t) for ns, t in zip(split["test"]["nums"], split["test"]["target"])]
+    assert len(split["train"]) == 3800 and len(test) == 96  # 104 of the 200 were seen or repeated
+    assert not train & set(test) and len(set(test)) == len(test)
+    # the default tier: nothing to drop, the split as before
+    assert len(load_countdown("generate", num_samples=4000, test_size=0.05, seed=42)["test"]) == 200
+
+
 def test_solutions_leave_the_tasks_unchanged_and_solve_them():
     plain = generate_countdown(3000, seed=5, min_numbers=2, max_numbers=5)
     solved = generate_countdown(3000, seed=5, min_numbers=2, max_numbers=5, solutions=True)
@@ -72,7 +96,8 @@ def test_warmup_settings_are_checked(tmp_path):
 @pytest.mark.slow
 def test_warmup_teaches_solutions_to_unseen_tasks(model_path, tmp_path):
     """10 steps of 2 tasks on SmolLM2-135M: the loss falls, and the saved model gives the known
-    solutions of held-out tasks (never trained on) a higher likelihood than the base model does."""
+    solutions of held-out tasks (unseen: `load_countdown` drops test tasks that occur in train) a
+    higher likelihood than the base model does."""
     from minigrpo.data import R1_COUNTDOWN
     from minigrpo.data.prompts import render_prompt
     from minigrpo.models import load_causal_lm, load_tokenizer

@@ -156,16 +156,9 @@ def equation_reward(completions: list, target: Sequence, nums: Sequence, **colum
         ValueError: when the columns are not aligned with `completions` or hold something that is not an
             integer: that is a data error, not a bad completion, so it must not silently score 0.
     """
-    if len(target) != len(completions) or len(nums) != len(completions):
-        raise ValueError(
-            f"equation_reward got {len(completions)} completions, {len(target)} targets, {len(nums)} nums"
-        )
-    scores = []
-    for c, t, ns in zip(completions, target, nums):
-        if isinstance(ns, str):  # e.g. "[1, 2, 3]" from a CSV that was not parsed
-            raise ValueError(f"nums must be a list of integers, got the string {ns!r}")
-        scores.append(1.0 if is_correct_equation(completion_text(c), as_int(t), [as_int(x) for x in ns]) else 0.0)
-    return scores
+    _check_aligned("equation_reward", completions, target=target, nums=nums)
+    return [1.0 if is_correct_equation(completion_text(c), as_int(t), [as_int(x) for x in _number_list(ns)]) else 0.0
+            for c, t, ns in zip(completions, target, nums)]
 
 
 _LITERAL = re.compile(r"[0-9]+")
@@ -174,7 +167,10 @@ _LITERAL = re.compile(r"[0-9]+")
 def numbers_reward(completions: list, nums: Sequence, **columns) -> list[float]:
     """Shaping: how closely the integers written in the last answer (left of any `=`) are the task's
     numbers, each once, as a multiset: |used & given| / max(|used|, |given|). 1.0 exactly when they
-    are the given numbers; 0.0 without an answer. `1 + 2 = 3` for [70, 28, 10] scores 0.
+    are the given numbers; 0.0 without an answer. `1 + 2 = 3` for [70, 28, 10] scores 0. It reads
+    digit runs only, so it can be fooled on purpose (`70 28 10`, no operators, scores 1.0, and so
+    does `-70 + 28.10`): it is a nudge toward the numbers, never a judge; `closeness_reward` and
+    `equation_reward` parse the answer.
 
     Why it exists: a 135M model that learned the format answers with the prompt's own example
     (`1 + 2 = 3`), whatever the numbers, and nothing in the strict rewards moves it toward the
@@ -194,7 +190,7 @@ def numbers_reward(completions: list, nums: Sequence, **columns) -> list[float]:
 
 def closeness_reward(completions: list, target: Sequence, nums: Sequence, **columns) -> list[float]:
     """Shaping: for an answer that is a valid equation over exactly the given numbers (each once,
-    `evaluate_answer`'s rules), 1 - min(|value - target| / target, 1); 0.0 otherwise. 1.0 exactly
+    `evaluate_answer`'s rules), 1 - min(|value - target| / max(|target|, 1), 1); 0.0 otherwise. 1.0 exactly
     when the value is the target (an `= value` that disagrees is not checked here: `equation_reward`
     is the strict judge and the reported success rate)."""
     _check_aligned("closeness_reward", completions, target=target, nums=nums)
