@@ -92,7 +92,7 @@ def test_a_server_on_a_gpu_machine_gets_gpus_no_training_rank_uses():
         server_gpus(None, 1, "0,1,2", 3)
     with pytest.raises(RolloutServerError, match=r"includes GPU\(s\) \['2'\] that training ranks use"):
         server_gpus("2,3", 1, "0,1,2", 3)
-    with pytest.raises(RolloutServerError, match="1 GPU\(s\) for tensor_parallel_size 2"):
+    with pytest.raises(RolloutServerError, match=r"1 GPU\(s\) for tensor_parallel_size 2"):
         server_gpus("3", 2, "0,1,2", 3)
     assert Config(rollout="vllm_server", vllm_server_devices="3").vllm_server_devices == "3"
 
