@@ -180,12 +180,7 @@ class Config:
             values = yaml.safe_load(Path(path).read_text()) or {}
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: a recipe is a mapping of keys to values")
-        for item in overrides:
-            key, sep, raw = item.partition("=")
-            if not sep:
-                raise ConfigError(f"override {item!r} is not key=value")
-            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        return cls.from_dict(values)
+        return cls.from_dict(with_overrides(values, overrides))
 
     @classmethod
     def from_dict(cls, values: dict) -> Config:
@@ -325,6 +320,16 @@ class Layout:
     prompts_per_rank: int  # whole groups per rank per step
     completions_per_rank: int  # prompts_per_rank * num_generations
     micro_batch: int  # completions per forward/backward (per_device_train_batch_size in TRL)
+
+
+def with_overrides(values: dict, overrides: list[str]) -> dict:
+    """`values` updated by `key=value` strings (each value read as YAML; empty: None)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not key=value")
+        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return values
 
 
 def _coerce(key: str, value, hint):

@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from minigrpo.algo import sft_loss
-from minigrpo.config import Config, ConfigError
+from minigrpo.config import Config, ConfigError, with_overrides
 from minigrpo.data import R1_COUNTDOWN, load_countdown
 from minigrpo.data.countdown import GENERATOR_NAMES
 from minigrpo.data.prompts import render_prompt, tokenize_prompts
@@ -80,11 +80,7 @@ class WarmupConfig:
         values = yaml.safe_load(Path(path).read_text()) or {}
         if "recipe" in values and not Path(str(values["recipe"])).is_absolute():
             values["recipe"] = str(Path(path).parent / str(values["recipe"]))
-        for item in overrides:  # a recipe= given here is relative to the working directory
-            key, sep, raw = item.partition("=")
-            if not sep:
-                raise ConfigError(f"override {item!r} is not key=value")
-            values[key.strip()] = yaml.safe_load(raw)
+        values = with_overrides(values, overrides)  # a recipe= given here is relative to the working directory
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
             raise ConfigError(f"unknown warm-up keys {unknown}")
