@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_task import free_port
+from tiny_task import build_tiny_model, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = str(ROOT / "tests" / "tiny_task.py")
@@ -121,7 +121,7 @@ def test_bf16_warmup_trains_float32_weights_under_autocast_and_saves_bf16(tmp_pa
     autocast (the only path that autocasts), the loss falls, the saved model is in bf16 and loads.
     A tiny random Llama with SmolLM2's tokenizer (the Countdown prompt needs real text and a chat template)."""
     from safetensors import safe_open
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     import minigrpo.warmup
     from minigrpo.models import load_tokenizer, resolve_model
@@ -136,14 +136,7 @@ def test_bf16_warmup_trains_float32_weights_under_autocast_and_saves_bf16(tmp_pa
     scoring_logprobs = minigrpo.warmup.completion_logprobs
     monkeypatch.setattr(minigrpo.warmup, "completion_logprobs", recording)
 
-    tokenizer = load_tokenizer(resolve_model("smollm2-135m-instruct"))
-    model = tmp_path / "tiny"
-    tokenizer.save_pretrained(model)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
-                                 tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id)).save_pretrained(model)
+    model = build_tiny_model(tmp_path / "tiny", tokenizer=load_tokenizer(resolve_model("smollm2-135m-instruct")))
     (tmp_path / "recipe.yaml").write_text(f"model: {model}\ndataset: generate\ndataset_size: 200\ntest_size: 0.1\n"
                                           "seed: 1\ndtype: bfloat16\ngradient_checkpointing: true\n"
                                           "generator_min_numbers: 2\ngenerator_max_numbers: 3\nmax_prompt_length: 256\n")

@@ -30,27 +30,33 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def build_tiny_model(folder: Path, seed: int = 0, initializer_range: float = 0.02) -> Path:
+def build_tiny_model(folder: Path, seed: int = 0, initializer_range: float = 0.02, tokenizer=None) -> Path:
     """Write a HF folder (config, safetensors, tokenizer) for a fresh random tiny Llama.
 
     `initializer_range` (the std of the random weights): LoRA tests use 0.08. At 0.02 the frozen
     tied head caps what adapters can do: a final hidden state of RMS 1 (the norm) against
     embeddings of norm ~0.02 * sqrt(128) gives logits below ~2.6, so p("a") <= ~0.3, where the
-    LoRA runs plateaued; full fine-tuning grows the embeddings instead."""
+    LoRA runs plateaued; full fine-tuning grows the embeddings instead.
+    `tokenizer`: saved instead of the word-level one (e.g. a real model's, for prompts of real text
+    with a chat template); the model then takes its vocabulary and 1024 positions."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    fast.save_pretrained(folder)
+    if tokenizer is None:
+        vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+        positions = 128
+    else:
+        positions = 1024
+    tokenizer.save_pretrained(folder)
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=True, eos_token_id=1, pad_token_id=0, bos_token_id=None,
-        initializer_range=initializer_range,
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=positions,
+        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None, initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(folder)
