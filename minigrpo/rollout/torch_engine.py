@@ -29,7 +29,12 @@ class TorchEngine:
     `push_weights` loads nothing: the engine computes with the policy's own parameters. Given a
     probe it still scores it and raises `WeightSyncError` on a mismatch, which checks that the
     trainer built the probe from the weights it is training (cheap: one forward of L tokens).
-    The module must hold full parameters (not ZeRO-3 shards).
+
+    Under DeepSpeed ZeRO-3 the module's forward gathers its partitioned parameters itself, and keeps
+    the small ones (below `stage3_param_persistence_threshold`: norms, biases) gathered for good after
+    the first forward. So generation runs under `no_grad`, never `inference_mode`: a parameter
+    gathered in inference mode is an inference tensor, and the first training forward then fails
+    ("Inference tensors cannot be saved for backward"; 2 ranks, ZeRO-3, DeepSpeed 0.19.8).
     """
 
     shares_policy_weights = True
@@ -60,7 +65,7 @@ class TorchEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode():
+            with torch.no_grad():  # not inference_mode: see the class docstring
                 ids, lps, reasons = self._sample(prompt_ids, sampling)
         finally:
             self.model.train(was_training)
@@ -153,7 +158,7 @@ class TorchEngine:
         self.model.eval()
         try:
             scores = []
-            with torch.inference_mode():
+            with torch.no_grad():  # not inference_mode: see the class docstring
                 device = next(self.model.parameters()).device
                 for seq in token_ids:
                     if len(seq) < 2:
