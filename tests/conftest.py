@@ -68,10 +68,10 @@ def prompts(tokenizer):
 @pytest.fixture
 def no_heavy_work(monkeypatch):
     """Starting processes or loading a model fails the test: input errors must come before."""
-    import minigrpo.trainer as trainer
+    import minigrpo.startup as startup  # where train() starts processes and loads models
 
     def forbidden(*a, **k):
         raise AssertionError("heavy work started before the input was checked")
 
-    monkeypatch.setattr(trainer, "init_distributed", forbidden)
-    monkeypatch.setattr(trainer, "load_causal_lm", forbidden)
+    monkeypatch.setattr(startup, "init_distributed", forbidden)
+    monkeypatch.setattr(startup, "load_causal_lm", forbidden)

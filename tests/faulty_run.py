@@ -10,9 +10,9 @@
 --push-fault=KIND  nothing (default: `_load_chunk` loads nothing), skip (one tensor is left out),
                    ulp (one element of one tensor is loaded one ulp off)
 
-The faults are injected by wrapping names the trainer looks up at call time
-(`minigrpo.trainer.grpo_loss`, `score_completions`, `sync_weights`, `rollout_seed`); nothing in
-minigrpo is changed. One line per event goes to stdout for the test to read:
+The faults are injected by wrapping names the step's phases look up at call time
+(`minigrpo.phases.grpo_loss`, `score_completions`, `sync_weights`, `rollout_seed`, and the resume
+push's `minigrpo.startup.sync_weights`); nothing in minigrpo is changed. One line per event goes to stdout for the test to read:
 
     [faulty] step K                  step K began (its prompts were chosen)
     [faulty] reward K <time>         step K's rewards were called at time.time() <time>
@@ -90,9 +90,9 @@ def _broken_loader(kind: str):
 
 
 def _inject(nan_at: set[int], break_push_at: int | None, push_fault: str) -> None:
-    from minigrpo import trainer
+    from minigrpo import phases, startup
 
-    seed_of, loss_fn, score, push = trainer.rollout_seed, trainer.grpo_loss, trainer.score_completions, trainer.sync_weights
+    seed_of, loss_fn, score, push = phases.rollout_seed, phases.grpo_loss, phases.score_completions, phases.sync_weights
 
     def rollout_seed(seed, step, *a, **k):
         global STEP
@@ -117,8 +117,9 @@ def _inject(nan_at: set[int], break_push_at: int | None, push_fault: str) -> Non
         _event(f"push {STEP}")
         return push(*a, **k)
 
-    trainer.rollout_seed, trainer.grpo_loss = rollout_seed, grpo_loss
-    trainer.score_completions, trainer.sync_weights = score_completions, sync_weights
+    phases.rollout_seed, phases.grpo_loss = rollout_seed, grpo_loss
+    phases.score_completions, phases.sync_weights = score_completions, sync_weights
+    startup.sync_weights = sync_weights  # the push of a resumed checkpoint's weights ("push 0")
 
 
 def main(argv: list[str]) -> None:

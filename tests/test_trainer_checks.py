@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-import minigrpo.trainer as trainer
+import minigrpo.startup as startup  # where train() loads models and starts processes
 from minigrpo import Config, train
 from minigrpo.rewards import equation_reward, format_reward
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_dataset_missing_reward_columns(no_heavy_work, monkeypatch):
-    monkeypatch.setattr(trainer, "resolve_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr(startup, "resolve_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     ds = Dataset.from_dict({"prompt": ["a", "b"], "target": [1, 2]})
     with pytest.raises(ValueError, match=r"reward 'equation_reward' needs column\(s\) \['nums'\]"):
         train(Config(), [format_reward, equation_reward], ds)
@@ -54,7 +54,7 @@ def test_beta_zero_never_loads_a_reference(tmp_path, beta, loads):
 
     model = build_tiny_model(tmp_path / "m")
     code = (
-        "import minigrpo.trainer as t, tiny_task\n"
+        "import minigrpo.startup as t, tiny_task\n"
         "calls = []\n"
         "orig = t.load_causal_lm\n"
         "t.load_causal_lm = lambda *a, **k: (calls.append(1), orig(*a, **k))[1]\n"

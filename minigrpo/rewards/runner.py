@@ -15,7 +15,7 @@ The reward protocol is TRL's: a reward is any callable, called once per batch by
   messages) when the prompt was rendered from that column, else the rendered prompt text (a
   `PromptTemplate` or a `messages` column made it).
 - `completion_ids`: [N] lists of the completion's token ids (when the caller has them).
-- `trainer_state`: one object for the batch, not a list (`minigrpo.trainer.TrainerState`:
+- `trainer_state`: one object for the batch, not a list (`minigrpo.startup.TrainerState`:
   `global_step`, `max_steps`, counted in optimizer updates as TRL does), for rewards that change
   with training progress.
 - `columns`: the dataset's other columns, [N] each, aligned with `completions` (`repeat_columns`
