@@ -50,7 +50,7 @@ def count_parameters(model: str) -> int:
     return total
 
 
-# The setting the README's phase figures were measured with: the default recipe until 2026-12-03
+# The setting the phase figures of docs/performance.md were measured with: the default recipe until 2026-12-03
 # (2 prompts x 8 completions, temperature 1.0, beta 0.04, lr 1e-6), before it became the 12-step
 # format-learning run. Overrides given on the command line come after, so they win.
 MEASURED_SETTING = ["prompts_per_step=2", "gradient_accumulation_steps=4", "temperature=1.0", "beta=0.04",
