@@ -15,7 +15,7 @@ from pathlib import Path
 
 from minigrpo import Config
 from minigrpo.batching import prepare_prompts
-from minigrpo.data import R1_COUNTDOWN, load_countdown
+from minigrpo.data import R1_COUNTDOWN, load_recipe_tasks
 from minigrpo.models import load_tokenizer, resolve_model
 from minigrpo.rewards import format_reward, tag_reward
 from minigrpo.rollout import Sampling, make_engine
@@ -36,8 +36,7 @@ def main() -> None:
     p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.7])
     args = p.parse_args()
     cfg = Config.load(RECIPE)
-    train = load_countdown(cfg.dataset, num_samples=cfg.dataset_size, test_size=cfg.test_size, seed=cfg.seed,
-                          difficulty=cfg.generator_difficulty())["train"]
+    train = load_recipe_tasks(cfg)["train"]
     path = resolve_model(args.model, cfg.model_cache_dir)
     tasks = prepare_prompts(train.select(range(args.prompts)), load_tokenizer(path), R1_COUNTDOWN, cfg.max_prompt_length)
     engine = make_engine("vllm", path, dtype=cfg.dtype, seed=1, max_model_len=cfg.max_prompt_length + args.max_tokens)

@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from minigrpo import Config, train  # noqa: E402
-from minigrpo.data import R1_COUNTDOWN, load_countdown  # noqa: E402
+from minigrpo.data import R1_COUNTDOWN, load_recipe_tasks  # noqa: E402
 from minigrpo.rewards import closeness_reward, equation_reward, format_reward, numbers_reward, tag_reward  # noqa: E402
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "countdown_cpu.yaml"
@@ -46,8 +46,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"rewards: unknown {unknown}; this script knows {sorted(COUNTDOWN_REWARDS)}")
 
-    splits = load_countdown(cfg.dataset, num_samples=cfg.dataset_size, test_size=cfg.test_size, seed=cfg.seed,
-                            difficulty=cfg.generator_difficulty())
+    splits = load_recipe_tasks(cfg)  # without the tasks of its held-out set, if it names one
     out = train(cfg, [COUNTDOWN_REWARDS[name] for name in cfg.rewards], splits["train"], splits["test"], template=R1_COUNTDOWN,
                 resume=args.resume)
     print(f"[minigrpo] done. outputs in {out}: metrics.jsonl, curves.png, completion_samples.txt, "

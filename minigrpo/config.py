@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from minigrpo.data.heldout import HELDOUT_SETS
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type, or inconsistent with another."""
@@ -48,6 +50,10 @@ class Config:
     generator_max_numbers: int = 4
     generator_max_number: int = 99
     generator_max_target: int = 999
+    # A fixed held-out task set (minigrpo/data/heldout.py, e.g. countdown-3x99) whose tasks are removed
+    # from the train and test splits, so a final evaluation on it (examples/evaluate_countdown.py
+    # --tasks NAME) is on tasks neither the warm-up nor GRPO saw. None: no set kept out.
+    heldout: str | None = None
 
     # -- rollout
     rollout: str = "vllm"  # vllm (in each rank) | vllm_server (one server process) | torch
@@ -273,6 +279,7 @@ class Config:
              f"need 2 <= generator_min_numbers <= generator_max_numbers ({self.generator_max_numbers}) <= 6")
         need(1 <= self.generator_max_number <= 999, "generator_max_number", "must be in 1..999")
         need(self.generator_max_target >= 1, "generator_max_target", "must be >= 1")
+        need(self.heldout is None or self.heldout in HELDOUT_SETS, "heldout", f"must be one of {sorted(HELDOUT_SETS)}")
         need(self.log_level in LOG_LEVELS, "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
         need(self.dataset_size is None or self.dataset_size >= 2, "dataset_size", "must be >= 2 (or null)")
         need(self.sync_check_atol is None or self.sync_check_atol > 0, "sync_check_atol", "must be > 0 (or null: calibrate)")

@@ -1,12 +1,23 @@
-"""Held-out evaluation (greedy, one completion per task) and text signals of reasoning."""
+"""Held-out evaluation and text signals of reasoning.
+
+- `evaluate`: the trainer's in-run evaluation, greedy and cheap (one completion per task, split over
+  ranks), with the success rate's 95% Wilson interval.
+- `task_outcomes` + `summarize_outcomes`: the full evaluation of `examples/evaluate_countdown.py`:
+  per task, greedy success (pass@1) and format, and pass@k (any success in exactly k samples at
+  temperature 1.0); per group (e.g. the number count) and overall, each rate with its Wilson
+  interval. Two models' outcomes on the same tasks compare with `minigrpo.stats.paired_difference`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Sequence
 
 from minigrpo import collectives
-from minigrpo.rewards import score_completions
+from minigrpo.rewards import repeat_columns, score_completions
 from minigrpo.rollout import Sampling
+from minigrpo.stats import wilson_interval
 
 
 def greedy_sampling(cfg, stop: bool | None = None) -> Sampling:
@@ -19,7 +30,8 @@ def greedy_sampling(cfg, stop: bool | None = None) -> Sampling:
 
 
 # the figures evaluate() computes itself; a reward function with one of these names is refused
-FIXED = ("eval/tasks", "eval/with_stop", "eval/success_rate", "eval/completion_length", "eval/format_rate")
+FIXED = ("eval/tasks", "eval/with_stop", "eval/success_rate", "eval/success_rate_low", "eval/success_rate_high",
+         "eval/completion_length", "eval/format_rate")
 
 
 def check_reward_names(rewards) -> None:
@@ -35,7 +47,7 @@ def evaluate(rollout, eval_set, rewards, cfg, info, trainer_state=None) -> dict[
     the rewards receive `trainer_state` as in training.
 
     Returns `eval/<reward name>` (mean value), `eval/success_rate` (fraction where the success
-    reward is exactly 1), `eval/format_rate` when a reward named format_reward is present,
+    reward is exactly 1) with its 95% Wilson interval (`eval/success_rate_low`, `_high`), `eval/format_rate` when a reward named format_reward is present,
     `eval/completion_length` (mean tokens), `eval/tasks` and `eval/with_stop` (1.0 when generated
     with the training stop strings: `cfg.eval_stop`, see `greedy_sampling`). Empty when there is
     nothing to evaluate (`eval_num_samples` 0 or an empty held-out set), on every rank alike.
@@ -62,8 +74,10 @@ def evaluate(rollout, eval_set, rewards, cfg, info, trainer_state=None) -> dict[
     keys = sorted(sums)
     total = dict(zip(keys, collectives.all_reduce_scalars([float(sums[k]) for k in keys])))
     count = max(total["count"], 1.0)
+    low, high = wilson_interval(round(total["success"]), round(count))
     out = {"eval/tasks": count, "eval/with_stop": float(bool(sampling.stop)),
-           "eval/success_rate": total["success"] / count, "eval/completion_length": total["length"] / count}
+           "eval/success_rate": total["success"] / count, "eval/success_rate_low": low, "eval/success_rate_high": high,
+           "eval/completion_length": total["length"] / count}
     if "format_reward" in scores.per_reward:
         out["eval/format_rate"] = total["format"] / count
     out.update({f"eval/{k.removeprefix('reward:')}": v / count for k, v in total.items() if k.startswith("reward:")})
@@ -77,4 +91,64 @@ def phrase_rate(texts: list[str], phrases: list[str]) -> float:
         return 0.0
     pattern = re.compile(r"\b(?:" + "|".join(re.escape(p) for p in phrases) + r")\b", re.IGNORECASE)
     return sum(bool(pattern.search(t)) for t in texts) / len(texts)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskOutcomes:
+    """Per task (one entry each, in the tasks' order): solved by the greedy completion, in the strict
+    format, and solved by any of k samples (None when pass@k was not measured)."""
+
+    success: list[bool]
+    format: list[bool] | None  # None: no reward named format_reward
+    pass_k: list[bool] | None
+    k: int
+    completion_length: list[int]  # greedy completion tokens
+    truncated: list[bool]  # greedy completion cut by the length limit
+    texts: list[str]  # the greedy completions
+
+
+def task_outcomes(engine, tasks, rewards, success_reward: str, greedy: Sampling, k: int = 0,
+                  k_seed: int = 0) -> TaskOutcomes:
+    """Score every task of `tasks` (a `batching.PromptSet`): one greedy completion (`greedy`, as
+    `greedy_sampling` makes it) and, with k > 0, exactly k samples at temperature 1.0 (seeded, same
+    length and stop strings as `greedy`). A task is solved when `success_reward` gives exactly 1."""
+    batch = engine.generate(tasks.ids, greedy)
+    scores = score_completions(rewards, batch.texts, tasks.prompts, tasks.columns, 1, completion_ids=batch.completion_ids)
+    solved = [v == 1.0 for v in scores.per_reward[success_reward]]
+    fmt = [v == 1.0 for v in scores.per_reward["format_reward"]] if "format_reward" in scores.per_reward else None
+    pass_k = None
+    if k > 0:
+        sampling = dataclasses.replace(greedy, n=k, temperature=1.0, seed=k_seed)
+        many = engine.generate(tasks.ids, sampling)  # [n * k], task-major
+        many_scores = score_completions(rewards, many.texts, [p for p in tasks.prompts for _ in range(k)],
+                                        repeat_columns(tasks.columns, k), k, completion_ids=many.completion_ids)
+        hits = [v == 1.0 for v in many_scores.per_reward[success_reward]]
+        pass_k = [any(hits[i * k:(i + 1) * k]) for i in range(len(tasks))]
+    return TaskOutcomes(solved, fmt, pass_k, k, [len(c) for c in batch.completion_ids], batch.truncated, batch.texts)
+
+
+def rate(outcomes: Sequence[bool]) -> dict[str, float]:
+    """The rate of True among `outcomes`, with its count and 95% Wilson interval."""
+    n, hits = len(outcomes), sum(map(bool, outcomes))
+    low, high = wilson_interval(hits, n)
+    return {"rate": hits / n, "low": low, "high": high, "count": hits, "tasks": n}
+
+
+def summarize_outcomes(outcomes: TaskOutcomes, groups: Sequence[str]) -> dict:
+    """Overall ("all") and per group (`groups[i]`: task i's group, e.g. its number count): `success`
+    (greedy, pass@1), `format`, `pass@k`, each a `rate` with its interval, and the mean greedy length."""
+    if len(groups) != len(outcomes.success):
+        raise ValueError(f"{len(groups)} groups for {len(outcomes.success)} tasks")
+    named = {"success": outcomes.success, "format": outcomes.format, f"pass@{outcomes.k}": outcomes.pass_k}
+
+    def one(idx: list[int]) -> dict:
+        row = {name: rate([v[i] for i in idx]) for name, v in named.items() if v is not None}
+        row["completion_length_mean"] = sum(outcomes.completion_length[i] for i in idx) / len(idx)
+        row["truncated_fraction"] = sum(outcomes.truncated[i] for i in idx) / len(idx)
+        return row
+
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(str(g), []).append(i)
+    return {"all": one(list(range(len(groups)))), **{g: one(idx) for g, idx in sorted(members.items())}}
 

@@ -155,7 +155,8 @@ class Progress:
 def eval_line(m: dict) -> str:
     """A held-out evaluation's figures (`minigrpo.evaluation.evaluate`) for the console."""
     fmt = f"format {m['eval/format_rate']:.2f}, " if "eval/format_rate" in m else ""
-    return (f"{fmt}success {m['eval/success_rate']:.2f} on {m['eval/tasks']:.0f} tasks, "
+    ci = f" [{m['eval/success_rate_low']:.2f}, {m['eval/success_rate_high']:.2f}]" if "eval/success_rate_low" in m else ""
+    return (f"{fmt}success {m['eval/success_rate']:.2f}{ci} on {m['eval/tasks']:.0f} tasks, "
             f"{m['eval/completion_length']:.0f} tokens")
 
 

@@ -200,7 +200,7 @@ def run_identity(cfg: Config) -> dict:
 def _data_order(cfg: Config) -> dict:
     """The settings that decide which prompts step k trains on (see batching.prompt_indices), the
     generator's difficulty included (checkpoints from before it was recorded: the defaults)."""
-    keys = ("seed", "prompts_per_step", "num_generations", "dataset", "dataset_size", "test_size",
+    keys = ("seed", "prompts_per_step", "num_generations", "dataset", "dataset_size", "test_size", "heldout",
             *(f"generator_{k}" for k in cfg.generator_difficulty()))
     return {k: getattr(cfg, k) for k in keys}
 

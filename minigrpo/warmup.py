@@ -41,7 +41,7 @@ import yaml
 
 from minigrpo.algo import sft_loss
 from minigrpo.config import Config, ConfigError, with_overrides
-from minigrpo.data import R1_COUNTDOWN, load_countdown
+from minigrpo.data import R1_COUNTDOWN, load_recipe_tasks
 from minigrpo.data.countdown import GENERATOR_NAMES
 from minigrpo.data.prompts import render_prompt, tokenize_prompts
 from minigrpo.models import disable_dropout, load_causal_lm, load_tokenizer, resolve_model, set_transformers_log_level
@@ -108,8 +108,7 @@ def warmup(wcfg: WarmupConfig) -> Path:
     out = Path(wcfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    train = load_countdown(cfg.dataset, num_samples=cfg.dataset_size, test_size=cfg.test_size, seed=cfg.seed,
-                           difficulty=cfg.generator_difficulty(), solutions=True)["train"]
+    train = load_recipe_tasks(cfg, solutions=True)["train"]  # never a task of the recipe's held-out set
     total = wcfg.steps * wcfg.batch_size
     order = np.random.default_rng(wcfg.seed).permutation(len(train))  # one epoch, or more if asked
     rows = [train[int(order[i % len(train)])] for i in range(total)]

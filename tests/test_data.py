@@ -187,3 +187,60 @@ def test_source_errors(tmp_path):
         load_countdown(tmp_path / "t.parquet", num_samples=51)
     with pytest.raises(ValueError, match="num_samples must be >= 1"):
         load_countdown("generate", num_samples=0)
+
+
+# ------------------------------------------------------------------ the fixed held-out sets (issue 22)
+def test_the_heldout_set_is_the_recorded_file_and_rebuilds_byte_for_byte():
+    from minigrpo.data.heldout import HELDOUT_SETS, build_heldout, load_heldout, task_key
+
+    spec = HELDOUT_SETS["countdown-3x99"]
+    tasks = load_heldout("countdown-3x99")  # checks the SHA-256
+    assert len(tasks) == spec.size == 640
+    assert len({task_key(t["nums"], t["target"]) for t in tasks}) == 640  # distinct puzzles
+    assert all(len(t["nums"]) == 3 and all(1 <= n <= 99 for n in t["nums"]) and 1 <= t["target"] <= 999 for t in tasks)
+    assert all(solvable(t["nums"], t["target"]) for t in tasks[:50])
+    assert build_heldout("countdown-3x99") == spec.path("countdown-3x99").read_text()
+
+
+def test_a_changed_heldout_file_is_refused(tmp_path, monkeypatch):
+    from minigrpo.data import heldout
+
+    original = heldout.HELDOUT_SETS["countdown-3x99"].path("countdown-3x99").read_text()
+    (tmp_path / "countdown-3x99.jsonl").write_text(original.replace('"target": 30}', '"target": 31}', 1))
+    monkeypatch.setattr(heldout, "FOLDER", tmp_path)
+    with pytest.raises(ValueError, match="SHA-256 .* not the recorded"):
+        heldout.load_heldout("countdown-3x99")
+    with pytest.raises(ValueError, match="unknown held-out set"):
+        heldout.load_heldout("countdown-9x9")
+
+
+def test_load_countdown_drops_excluded_tasks_from_both_splits_and_keeps_the_rest_in_place():
+    from minigrpo.data.heldout import task_key
+
+    plain = load_countdown("generate", num_samples=200, test_size=0.1, seed=3)
+    drop = [plain["train"][0], plain["train"][7], plain["test"][1]]
+    keys = {task_key(r["nums"][::-1], r["target"]) for r in drop}  # a multiset: order does not matter
+    split = load_countdown("generate", num_samples=200, test_size=0.1, seed=3, exclude=keys)
+    for name in ("train", "test"):
+        want = [r for r in plain[name] if task_key(r["nums"], r["target"]) not in keys]
+        assert list(split[name]) == want
+    assert len(split["train"]) == len(plain["train"]) - 2 and len(split["test"]) == len(plain["test"]) - 1
+
+
+def test_a_recipe_naming_a_heldout_set_never_trains_or_tests_on_it():
+    """The held-out file is the first 640 distinct tasks of the generator's seed 20261207 at 3 numbers
+    in 1..99: a recipe generating 1,280 tasks with that seed and tier holds every one of them, and
+    load_recipe_tasks removes them all."""
+    from minigrpo import Config, ConfigError
+    from minigrpo.data import load_recipe_tasks
+    from minigrpo.data.heldout import heldout_keys, task_key
+
+    tier = dict(dataset="generate", dataset_size=1280, seed=20261207, generator_min_numbers=3,
+                generator_max_numbers=3, generator_max_number=99, generator_max_target=999)
+    keys = heldout_keys("countdown-3x99")
+    rows = lambda s: [task_key(r["nums"], r["target"]) for name in ("train", "test") for r in s[name]]  # noqa: E731
+    assert len(keys & set(rows(load_recipe_tasks(Config(**tier))))) == 640
+    kept = rows(load_recipe_tasks(Config(**tier, heldout="countdown-3x99")))
+    assert not keys & set(kept) and len(kept) >= 1280 - 2 * 640  # (the other 640 minus repeats)
+    with pytest.raises(ConfigError, match="heldout"):
+        Config(heldout="countdown-9x9")

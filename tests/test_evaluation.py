@@ -38,6 +38,9 @@ def test_before_after_compares_the_first_and_last_evaluation():
     assert eval_line(history[-1]) == "format 0.93, success 0.02 on 100 tasks, 32 tokens"
     no_format = {k: v for k, v in history[-1].items() if k != "eval/format_rate"}
     assert eval_line(no_format) == "success 0.02 on 100 tasks, 32 tokens"
+    # with the interval evaluate() logs: in brackets after the rate
+    ci = {**history[-1], "eval/success_rate_low": 0.0055, "eval/success_rate_high": 0.0700}
+    assert eval_line(ci) == "format 0.93, success 0.02 [0.01, 0.07] on 100 tasks, 32 tokens"
 
 
 def test_before_after_compares_only_like_evaluations():
@@ -67,7 +70,7 @@ def test_evaluate_refuses_a_reward_named_like_its_own_figures():
 def test_evaluate_countdown_reports_a_tier_per_number_count_with_and_without_stop(model_path, tmp_path):
     """examples/evaluate_countdown.py on the real default model with vLLM: an easy tier (2-3 numbers
     in 1..20), per number count, both generations (the greedy completions with the stop string
-    are the ones without it, cut after `</answer>`)."""
+    are the ones without it, cut after `</answer>`), intervals, pass@8, and a paired comparison."""
     out = tmp_path / "eval.json"
     cmd = [sys.executable, str(ROOT / "examples" / "evaluate_countdown.py"), "--model", str(model_path),
            "--num", "12", "--min-numbers", "2", "--max-numbers", "3", "--max-number", "20", "--max-target", "100",
@@ -85,3 +88,28 @@ def test_evaluate_countdown_reports_a_tier_per_number_count_with_and_without_sto
     # without the stop string no completion is shorter than with it
     assert result["without_stop"]["completion_length_mean"] >= result["with_stop"]["completion_length_mean"]
     assert "numbers  tasks  format  success" in proc.stdout
+    # every task's outcome, and each rate with its Wilson interval (the default k = 8 samples for pass@k)
+    for name in ("with_stop", "without_stop"):
+        r = result[name]
+        assert result["k"] == 8 and all(len(v) == 12 for v in r["outcomes"].values())
+        assert r["success_rate"] == sum(r["outcomes"]["success"]) / 12
+        for row in r["summary"].values():
+            for key in ("success", "format", "pass@8"):
+                assert row[key]["low"] <= row[key]["rate"] <= row[key]["high"], (name, key, row[key])
+        assert r["summary"]["all"]["success"]["tasks"] == 12
+
+    # --compare with that result: the same model on the same tasks differs by exactly 0
+    again = tmp_path / "again.json"
+    proc = subprocess.run([*cmd[:cmd.index("--json")], "--json", str(again), *cmd[cmd.index("--json") + 2:],
+                           "--compare", str(out), "--stop", "without"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    paired = json.loads(again.read_text())["without_stop"]["paired"]
+    assert set(paired) == {"success", "pass@8"}
+    for d in paired.values():  # pass@8's samples are seeded: the same both times
+        assert (d["difference"], d["low"], d["high"], d["only_a"], d["only_b"]) == (0.0, 0.0, 0.0, 0, 0)
+    assert "minus" in proc.stdout
+
+    # a comparison on other tasks is refused before any model loads
+    proc = subprocess.run([*cmd[:cmd.index("--num") + 1], "5", *cmd[cmd.index("--num") + 2:], "--compare", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "evaluated on other tasks" in proc.stderr, proc.stderr[-2000:]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from minigrpo.stats import wilson_interval
 from tiny_task import build_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -87,7 +88,11 @@ def test_outputs_and_checkpoint_load_in_transformers(tiny_model, tmp_path):
     # the step-0 evaluation: its own row, before any update; the summary compares it with the last
     before, rows = rows[0], rows[1:]
     assert before["step"] == 0 and set(before) == {"step", "eval/tasks", "eval/with_stop", "eval/success_rate",
+                                                   "eval/success_rate_low", "eval/success_rate_high",
                                                    "eval/completion_length", "eval/says_a"}, before
+    # the 95% Wilson interval of the success rate over the 8 tasks (minigrpo.stats)
+    assert (before["eval/success_rate_low"], before["eval/success_rate_high"]) == pytest.approx(
+        wilson_interval(round(8 * before["eval/success_rate"]), 8))
     assert before["eval/with_stop"] == 0.0
     assert before["eval/tasks"] == 8 and 0 < before["eval/completion_length"] <= 8
     summary = [line for line in console[0].splitlines() if "held-out, 8 tasks, greedy, without stop strings" in line]

@@ -8,11 +8,13 @@ The Countdown loaders (`load_countdown`, ...) are imported on first use: they ne
 """
 
 from minigrpo.data.generate import generate_countdown
+from minigrpo.data.heldout import HELDOUT_SETS, heldout_keys, load_heldout
 from minigrpo.data.prompts import R1_COUNTDOWN, PromptTemplate, render_prompt, tokenize_prompts
 
-_COUNTDOWN = ("GENERATED_SIZE", "HUB_DATASET", "load_countdown", "normalize_countdown", "read_countdown_file")
+_COUNTDOWN = ("GENERATED_SIZE", "HUB_DATASET", "load_countdown", "load_recipe_tasks", "normalize_countdown",
+              "read_countdown_file")
 
-__all__ = [*_COUNTDOWN, "PromptTemplate", "R1_COUNTDOWN", "generate_countdown", "render_prompt", "tokenize_prompts"]
+__all__ = [*_COUNTDOWN, "HELDOUT_SETS", "PromptTemplate", "heldout_keys", "load_heldout", "R1_COUNTDOWN", "generate_countdown", "render_prompt", "tokenize_prompts"]
 
 
 def __getattr__(name: str):
