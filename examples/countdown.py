@@ -27,7 +27,9 @@ DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "countdown
 COUNTDOWN_REWARDS = {f.__name__: f for f in (format_reward, equation_reward, tag_reward, numbers_reward, closeness_reward)}
 
 
-def main() -> None:
+def load_config(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
+    """The command line read and the recipe loaded and checked, before anything heavy (also what
+    tests/test_documented_commands.py runs on every command the docs show)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_RECIPE), help="YAML recipe")
     p.add_argument("--model", help="HF folder, hub name, or smollm2-135m-instruct")
@@ -37,7 +39,7 @@ def main() -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # appended by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     flags = {"model": args.model, "output_dir": args.output_dir, "max_steps": args.max_steps, "rollout": args.rollout}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
@@ -45,7 +47,11 @@ def main() -> None:
     unknown = sorted(set(cfg.rewards) - set(COUNTDOWN_REWARDS))
     if unknown:
         raise SystemExit(f"rewards: unknown {unknown}; this script knows {sorted(COUNTDOWN_REWARDS)}")
+    return args, cfg
 
+
+def main() -> None:
+    args, cfg = load_config()
     splits = load_recipe_tasks(cfg)  # without the tasks of its held-out set, if it names one
     out = train(cfg, [COUNTDOWN_REWARDS[name] for name in cfg.rewards], splits["train"], splits["test"], template=R1_COUNTDOWN,
                 resume=args.resume)

@@ -364,6 +364,10 @@ def _coerce(key: str, value, hint):
             return float(value)
         except ValueError:
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if hint is str and isinstance(value, int) and not isinstance(value, bool):
+        # `vllm_server_devices=3` on the command line (or `3` in YAML) reads as an int; a str field
+        # takes its digits. No other type changes: a str given where a number is expected stays an error.
+        return str(value)
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if isinstance(value, bool) and hint is not bool:
