@@ -122,10 +122,13 @@ def lr_lambda(total_steps: int, warmup_ratio: float, kind: str):
 class GuardedAdamW(torch.optim.AdamW):
     """AdamW that skips any step whose gradients hold NaN or inf on any rank: no weight changes.
 
-    DeepSpeed calls `step()` on the optimizer it was given (ZeRO-0) or on the fp32 partitions it
-    manages (ZeRO-1/2/3), so checking here covers every stage. Setting `overflow` is DeepSpeed's
-    own signal (0.19.8, engine._take_model_step) to count the step as skipped and hold the LR
-    schedule; under ZeRO-1/2/3 the ZeRO optimizer reports its own flag, so the schedule advances.
+    DeepSpeed calls `step()` on the optimizer it was given (ZeRO-0 in fp32) or on the fp32 partitions
+    it manages (ZeRO-1/2). At ZeRO-3, and in bf16 at ZeRO-0, DeepSpeed's own optimizer finds
+    non-finite gradients first and skips the step without calling this one: `PolicyEngine.step`
+    reads that verdict too (`engine.was_step_applied()`) and counts the skip in `skipped`. Setting
+    `overflow` is DeepSpeed's own signal (0.19.8, engine._take_model_step) to count the step as
+    skipped and hold the LR schedule; under ZeRO-1/2 the ZeRO optimizer reports its own flag, so the
+    schedule advances.
     """
 
     def __init__(self, *args, **kwargs):
@@ -178,6 +181,7 @@ class PolicyEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
         self.zero_stage = self.engine.zero_optimization_stage()
+        self._last_skipped = False
         self.adapted = lora.adapted_modules(model)  # LoRA: module paths with adapters; empty: full fine-tuning
         self.lora_scaling = cfg.lora_alpha / cfg.lora_rank if self.adapted else None
 
@@ -257,6 +261,8 @@ class PolicyEngine:
         """Call after every micro-batch; at the accumulation boundary it clips, steps the
         optimizer and the schedule, and returns the global gradient norm before clipping."""
         boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary:
+            self.optimizer.overflow = False  # set again only if DeepSpeed calls our step this time
         norm = None
         if boundary and self.engine.optimizer is self.optimizer:
             # DeepSpeed 0.19.8 steps our AdamW directly only at ZeRO-0 in fp32, and then clips with
@@ -268,6 +274,16 @@ class PolicyEngine:
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
         self.engine.step()
+        if boundary:
+            # Two ways a non-finite step is skipped: our GuardedAdamW finds it (ZeRO-0 in fp32, and
+            # ZeRO-1/2, whose optimizer calls ours), or DeepSpeed's own optimizer does before ever
+            # calling ours (ZeRO-3, and the bf16 optimizer at ZeRO-0; DeepSpeed 0.19.8). The engine's
+            # `was_step_applied()` reports DeepSpeed's verdict (its optimizer's `overflow`, which at
+            # ZeRO-0 fp32 is ours); either skip counts once.
+            ds_skipped = not self.engine.was_step_applied()
+            self._last_skipped = self.optimizer.overflow or ds_skipped
+            if ds_skipped and not self.optimizer.overflow:
+                self.optimizer.skipped += 1  # ours was never called: count it here
         if boundary and norm is None:
             norm = self.engine.get_global_grad_norm()
             norm = float(norm) if norm is not None else float("nan")
@@ -275,8 +291,9 @@ class PolicyEngine:
 
     @property
     def last_step_skipped(self) -> bool:
-        """True if the last optimizer step found non-finite gradients and changed nothing."""
-        return self.optimizer.overflow
+        """True if the last optimizer step found non-finite gradients and changed nothing, whichever
+        optimizer found them (see `step`)."""
+        return self._last_skipped
 
     @property
     def lr(self) -> float:

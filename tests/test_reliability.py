@@ -237,6 +237,26 @@ def test_a_nan_step_is_skipped_and_training_continues(nan_run):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("setting", [("deepspeed=" + str(ROOT / "recipes" / "deepspeed_zero3.json"),), ("dtype=bfloat16",)],
+                         ids=["zero3", "bf16-zero0"])
+def test_a_nan_step_skipped_by_deepspeed_itself_is_seen(tiny_model, tmp_path, setting):
+    """At ZeRO-3, and with bf16 at ZeRO-0, DeepSpeed's own optimizer finds the non-finite gradients
+    and skips the step without calling ours (issue 24): the trainer must still count it, push
+    nothing, and let max_nonfinite_steps fire. Before the fix: nonfinite_skipped_steps stayed 0 and
+    step 2's unchanged weights were pushed."""
+    out = tmp_path / "run"
+    proc = launch("faulty_run.py", tiny_model, out, "--nan-at=2", "rollout=torch", "max_steps=3", *setting)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = {row["step"]: row for row in rows(out)}
+    assert r[2]["param_checksum"] == r[1]["param_checksum"] and r[3]["param_checksum"] != r[2]["param_checksum"]
+    assert [r[s]["nonfinite_skipped_steps"] for s in (1, 2, 3)] == [0, 1, 1]
+    assert [int(e[0]) for e in events(proc.stdout, "push")] == [1, 3]
+    stopped = launch("faulty_run.py", tiny_model, tmp_path / "stop", "--nan-at=1,2", "rollout=torch", "max_steps=3",
+                     "max_nonfinite_steps=2", *setting)
+    assert stopped.returncode != 0 and "2 steps in a row" in stopped.stdout, stopped.stdout[-2000:]
+
+
+@pytest.mark.slow
 def test_max_nonfinite_steps_in_a_row_stop_with_the_last_good_weights(nan_run):
     proc, out = nan_run
     assert proc.returncode != 0
