@@ -64,8 +64,8 @@ def check_replicas(policy) -> float:
     shards, replicas = policy.checksum_views()
     with torch.no_grad():
         zero = torch.zeros((), dtype=torch.float64)
-        part = sum((t.double().sum().cpu() * (i + 1) for i, t in shards), zero)
-        whole = sum((t.double().sum().cpu() * (i + 1) for i, t in replicas), zero)
+        part = sum((_sum64(t) * (i + 1) for i, t in shards), zero)
+        whole = sum((_sum64(t) * (i + 1) for i, t in replicas), zero)
     total = collectives.all_reduce(part).item() if shards else whole.item()
     if collectives.active() and replicas:
         bits = [bits_sum(t) for _, t in replicas]
@@ -77,6 +77,14 @@ def check_replicas(policy) -> float:
             raise RuntimeError(f"data-parallel replicas diverged: weight fingerprints range {lo} .. {hi} "
                                f"(checksum on rank {collectives.rank()}: {total!r})")
     return total
+
+
+def _sum64(t: torch.Tensor, chunk: int = 2**22) -> torch.Tensor:
+    """The sum of `t` in float64, on the CPU, a chunk of 4M elements at a time: `t.double()` would copy the
+    whole tensor (a 3B model's embedding: ~2.5 GB in fp64) at every logging step, and so does
+    `t.sum(dtype=torch.float64)` on CPU (measured: the same 388 MB extra for 50M elements)."""
+    flat = t.reshape(-1)
+    return sum((c.double().sum() for c in flat.split(chunk)), torch.zeros((), dtype=torch.float64, device=t.device)).cpu()
 
 
 class StopOnSignal:

@@ -9,6 +9,8 @@
 --break-push-at=K  from step K on the vLLM weight push is broken, as --push-fault says:
 --push-fault=KIND  nothing (default: `_load_chunk` loads nothing), skip (one tensor is left out),
                    ulp (one element of one tensor is loaded one ulp off)
+--diverge-at=K     after step K's update, rank 1 moves one element of one weight by one ulp (its
+                   replica diverges from rank 0's; run with 2 ranks)
 
 The faults are injected by wrapping names the step's phases look up at call time
 (`minigrpo.phases.grpo_loss`, `score_completions`, `sync_weights`, `rollout_seed`, and the resume
@@ -22,6 +24,7 @@ push's `minigrpo.startup.sync_weights`); nothing in minigrpo is changed. One lin
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -89,7 +92,16 @@ def _broken_loader(kind: str):
     return {"nothing": lambda worker, chunk: None, "skip": skip, "ulp": ulp}[kind]
 
 
-def _inject(nan_at: set[int], break_push_at: int | None, push_fault: str) -> None:
+def _nudge_one_ulp(policy) -> None:
+    """One element of the policy's first weight, one ulp up, on this rank only."""
+    import torch
+
+    with torch.no_grad():
+        p = next(policy.module.parameters())
+        p.view(-1)[0] = torch.nextafter(p.view(-1)[0], torch.tensor(float("inf"), dtype=p.dtype))
+
+
+def _inject(nan_at: set[int], break_push_at: int | None, push_fault: str, diverge_at: int | None = None) -> None:
     from minigrpo import phases, startup
 
     seed_of, loss_fn, score, push = phases.rollout_seed, phases.grpo_loss, phases.score_completions, phases.sync_weights
@@ -110,6 +122,8 @@ def _inject(nan_at: set[int], break_push_at: int | None, push_fault: str) -> Non
         return score(*a, **k)
 
     def sync_weights(*a, **k):
+        if diverge_at == STEP and int(os.environ.get("RANK", "0")) == 1:
+            _nudge_one_ulp(a[1])  # (rollout, policy, probe_ids, atol): after the update, before the push
         if break_push_at is not None and STEP >= break_push_at:
             from minigrpo.rollout import vllm_engine
 
@@ -131,7 +145,8 @@ def main(argv: list[str]) -> None:
     HANG_AT = int(flags.get("hang-at", HANG_AT))
     nan_at = {int(k) for k in flags["nan-at"].split(",")} if flags.get("nan-at") else set()
     break_at = int(flags["break-push-at"]) if "break-push-at" in flags else None
-    _inject(nan_at, break_at, flags.get("push-fault", "nothing"))
+    diverge_at = int(flags["diverge-at"]) if "diverge-at" in flags else None
+    _inject(nan_at, break_at, flags.get("push-fault", "nothing"), diverge_at)
     rewards = [REWARDS[name] for name in flags.get("rewards", "says_a").split(",")]
     cfg = Config.load(None, TINY_DEFAULTS + [f"model={model_dir}", f"output_dir={out_dir}"] + overrides)
     try:

@@ -256,6 +256,33 @@ def test_a_nan_step_skipped_by_deepspeed_itself_is_seen(tiny_model, tmp_path, se
     assert stopped.returncode != 0 and "2 steps in a row" in stopped.stdout, stopped.stdout[-2000:]
 
 
+def test_the_replica_checksum_sums_in_chunks_as_the_whole_fp64_sum():
+    """check_replicas sums each weight in float64 a chunk at a time (no whole fp64 copy of a 3B
+    embedding at every logging step): the same value as the whole sum, a ZeRO-3 empty shard 0."""
+    from minigrpo.runtime import _sum64
+
+    t = torch.randn(10, 10, generator=torch.Generator().manual_seed(0)) * 1e3
+    assert _sum64(t, chunk=7).item() == pytest.approx(t.double().sum().item(), rel=1e-14)
+    assert _sum64(t.bfloat16(), chunk=7).item() == pytest.approx(t.bfloat16().double().sum().item(), rel=1e-14)
+    assert _sum64(torch.empty(0)).item() == 0.0 and _sum64(t).dtype == torch.float64
+
+
+@pytest.mark.slow
+def test_replicas_one_ulp_apart_stop_the_run_naming_the_divergence(tiny_model, tmp_path):
+    """The replica check (runtime.check_replicas) is what proves 2-rank runs keep identical weights;
+    here it is made to fire (issue 24): after step 2's update rank 1 moves one weight element by one
+    ulp, and the check at step 2 (logging_steps 1) stops both ranks before the step is logged."""
+    from tiny_task import free_port
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+           str(TESTS / "faulty_run.py"), str(tiny_model), str(out), "--diverge-at=2", "rollout=torch", "max_steps=3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
+    assert proc.returncode != 0
+    assert "data-parallel replicas diverged: weight fingerprints range" in proc.stderr, proc.stderr[-3000:]
+    assert [r["step"] for r in rows(out)] == [1]
+
+
 @pytest.mark.slow
 def test_max_nonfinite_steps_in_a_row_stop_with_the_last_good_weights(nan_run):
     proc, out = nan_run
