@@ -70,6 +70,10 @@ class Config:
     vllm_server_timeout: float = 600.0
     vllm_server_tensor_parallel_size: int = 1  # GPUs of a server the trainer starts
     vllm_server_devices: str | None = None  # its CUDA_VISIBLE_DEVICES on a GPU machine, e.g. "3" (required there)
+    # The share of the server's own GPU(s) vLLM takes (GPU machines; on CPU the KV cache is
+    # vllm_kv_cache_gib or its default). Not vllm_gpu_memory_utilization: that one is the colocated
+    # engine's share of a GPU it shares with training (0.3 in the 3B recipe).
+    vllm_server_gpu_memory_utilization: float = 0.9
     # Every push is checked exactly (integer sums of every weight's bits) and then by a probe: the
     # engine's log-probs of a fixed text within this tolerance of the trainer's. None: calibrated
     # before step 1, while both hold the same weights (10x their difference, at least 1e-3).
@@ -267,6 +271,7 @@ class Config:
         need(self.vllm_gpu_memory_utilization is None or 0 < self.vllm_gpu_memory_utilization <= 1,
              "vllm_gpu_memory_utilization", "must be in (0, 1]")
         need(self.vllm_kv_cache_gib is None or self.vllm_kv_cache_gib > 0, "vllm_kv_cache_gib", "must be > 0")
+        need(0 < self.vllm_server_gpu_memory_utilization <= 1, "vllm_server_gpu_memory_utilization", "must be in (0, 1]")
         need(self.vllm_kv_cache_gib is None or self.vllm_gpu_memory_utilization is None, "vllm_kv_cache_gib",
              "give vllm_kv_cache_gib or vllm_gpu_memory_utilization, not both")
         need(self.reward_on_error in ("zero", "raise"), "reward_on_error", "must be zero or raise")

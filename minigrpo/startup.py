@@ -162,8 +162,18 @@ def _load_models(cfg: Config, model_path: Path, info: DistInfo, layout: Layout) 
     return policy, reference, adapter
 
 
+def engine_memory(cfg: Config, on_gpu: bool) -> dict:
+    """The rollout engine's KV-cache setting: colocated, the configured share of the GPU it shares
+    with training (or the engine's default); the server, its own GPU's share (issue 24: the 3B
+    recipe's colocated 0.3 had been passed to the server's dedicated GPU). None: the engine decides."""
+    if cfg.vllm_kv_cache_gib is not None:
+        return {"kv_cache_gib": cfg.vllm_kv_cache_gib}
+    if cfg.rollout == "vllm_server":
+        return {"gpu_memory_utilization": cfg.vllm_server_gpu_memory_utilization} if on_gpu else {}
+    return {"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization} if cfg.vllm_gpu_memory_utilization else {}
+
+
 def _make_rollout(cfg: Config, model_path: Path, policy: PolicyEngine, tokenizer, info: DistInfo):
-    memory = {"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization, "kv_cache_gib": cfg.vllm_kv_cache_gib}
     return make_engine(
         cfg.rollout, model_path, policy=policy.module, tokenizer=tokenizer, dtype=cfg.dtype,
         lockstep=policy.zero_stage == 3 and info.world_size > 1,  # rollout=torch: ZeRO-3 forwards are collective
@@ -172,7 +182,7 @@ def _make_rollout(cfg: Config, model_path: Path, policy: PolicyEngine, tokenizer
         server_host=cfg.vllm_server_host, server_port=cfg.vllm_server_port, server_timeout=cfg.vllm_server_timeout,
         server_devices=cfg.vllm_server_devices,  # the server_* options: rollout=vllm_server only
         tensor_parallel_size=cfg.vllm_server_tensor_parallel_size, log_level=cfg.log_level,
-        **{k: v for k, v in memory.items() if v is not None},
+        **engine_memory(cfg, torch.cuda.is_available()),
     )
 
 

@@ -95,3 +95,24 @@ def test_generator_difficulty_is_the_generators_keywords():
     cfg = Config(generator_min_numbers=2, generator_max_numbers=3, generator_max_number=20, generator_max_target=100)
     assert cfg.generator_difficulty() == {"min_numbers": 2, "max_numbers": 3, "max_number": 20, "max_target": 100}
     generate_countdown(5, seed=0, **cfg.generator_difficulty())  # every key is one of its parameters
+
+
+def test_the_server_takes_its_own_share_of_its_gpu_not_the_colocated_one():
+    """Issue 24: the 3B recipe's vllm_gpu_memory_utilization 0.3 (a GPU shared with training) was
+    passed to the server's dedicated GPU. startup.engine_memory picks the KV-cache setting per layout."""
+    from pathlib import Path
+
+    from minigrpo.startup import engine_memory
+
+    recipe = str(Path(__file__).resolve().parent.parent / "recipes" / "qwen2.5-3b-countdown.yaml")
+    colocated = Config.load(recipe)
+    server = Config.load(recipe, ["rollout=vllm_server", "vllm_server_devices=3"])
+    assert engine_memory(colocated, on_gpu=True) == {"gpu_memory_utilization": 0.3}
+    assert engine_memory(server, on_gpu=True) == {"gpu_memory_utilization": 0.9}  # the default
+    assert engine_memory(Config.load(recipe, ["rollout=vllm_server", "vllm_server_gpu_memory_utilization=0.8"]),
+                         on_gpu=True) == {"gpu_memory_utilization": 0.8}
+    assert engine_memory(server, on_gpu=False) == {}  # on CPU the fraction is of a NUMA node: the engine's default
+    assert engine_memory(Config(rollout="vllm_server", vllm_kv_cache_gib=1.5), on_gpu=True) == {"kv_cache_gib": 1.5}
+    assert engine_memory(Config(), on_gpu=True) == {}  # colocated, unset: the engine's default (0.5 of a GPU)
+    with pytest.raises(ConfigError, match="vllm_server_gpu_memory_utilization"):
+        Config(vllm_server_gpu_memory_utilization=1.5)
