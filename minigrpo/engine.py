@@ -12,6 +12,7 @@ import contextlib
 import io
 import math
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -90,6 +91,12 @@ def deepspeed_config(cfg: Config, layout: Layout) -> dict:
     for key, on in (("bf16", cfg.dtype == "bfloat16"), ("fp16", cfg.dtype == "float16")):
         ds[key] = {**ds.get(key, {}), "enabled": on}
     ds.setdefault("zero_optimization", {"stage": 0})
+    if cfg.dtype in ("bfloat16", "float16") and ds["zero_optimization"].get("stage", 0) > 0:
+        # Sum the micro-batches' gradients in fp32, not in the model's 16-bit dtype (DeepSpeed's
+        # default: 8-16 micro-batches summed in bf16 lose ~3 bits). DeepSpeed 0.19.8 takes it at
+        # ZeRO-1/2/3 and refuses it at ZeRO-0 (NotImplementedError): a 16-bit run at ZeRO-0 with
+        # accumulation is warned about in PolicyEngine. A file's own setting wins.
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     # DeepSpeed 0.19.8 accepts a client optimizer at ZeRO stage > 0 only if its type is exactly one
     # it knows (torch.optim.AdamW is); GuardedAdamW is AdamW plus a finite-gradient vote before
     # super().step(), so the update is AdamW's. Without this key every stage > 0 is refused.
@@ -182,6 +189,11 @@ class PolicyEngine:
         )
         self.zero_stage = self.engine.zero_optimization_stage()
         self._last_skipped = False
+        if cfg.dtype != "float32" and self.zero_stage == 0 and cfg.gradient_accumulation_steps > 1 \
+                and collectives.rank() == 0:
+            print(f"[minigrpo] warning: {cfg.dtype} at ZeRO-0 sums the {cfg.gradient_accumulation_steps} micro-batches' "
+                  "gradients in 16 bits (DeepSpeed allows fp32 accumulation only at ZeRO-1/2/3); use a ZeRO-2 config "
+                  "(recipes/deepspeed_zero2.json), which accumulates in fp32 and works on one GPU", file=sys.stderr, flush=True)
         self.adapted = lora.adapted_modules(model)  # LoRA: module paths with adapters; empty: full fine-tuning
         self.lora_scaling = cfg.lora_alpha / cfg.lora_rank if self.adapted else None
 

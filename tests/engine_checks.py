@@ -4,6 +4,7 @@ own (DeepSpeed keeps a process group and global state), run by tests/test_engine
     python tests/engine_checks.py gradnorm MODEL_DIR STAGE DTYPE   # the logged grad norm is DeepSpeed's
     python tests/engine_checks.py trainmode MODEL_DIR              # checkpointing recomputes, dropout is off
     python tests/engine_checks.py stepgrad MODEL_DIR LOSS_TYPE GAS OUT   # the step's gradient, to OUT (rank 0)
+    python tests/engine_checks.py accum MODEL_DIR ACCUM_DTYPE        # bf16 ZeRO-2: the summed gradient vs an fp32 sum
 
 Each prints one line `RESULT {json}`.
 """
@@ -22,7 +23,7 @@ COMPLETIONS = [[8, 9, 10, 4], [11, 12]]
 WEIGHTS = torch.tensor([[1.0, -2.0, 0.5, 1.5], [0.3, 0.7, 0.0, 0.0]])  # a loss that touches every token
 
 
-def _policy(model_dir: str, stage: str = "0", dtype: str = "float32", **overrides):
+def _policy(model_dir: str, stage: str = "0", dtype: str = "float32", deepspeed: str | None = None, **overrides):
     from minigrpo import Config
     from minigrpo.engine import PolicyEngine, init_distributed
     from minigrpo.models import load_causal_lm
@@ -30,7 +31,7 @@ def _policy(model_dir: str, stage: str = "0", dtype: str = "float32", **override
     info = init_distributed()
     batch = {"prompts_per_step": 1, "num_generations": 2, "gradient_accumulation_steps": 2}
     cfg = Config(model=model_dir, max_steps=1, dtype=dtype,
-                 deepspeed=None if stage == "0" else str(ROOT / "recipes" / f"deepspeed_zero{stage}.json"),
+                 deepspeed=deepspeed or (None if stage == "0" else str(ROOT / "recipes" / f"deepspeed_zero{stage}.json")),
                  learning_rate=1e-3, warmup_ratio=0.0, lr_scheduler_type="constant", **{**batch, **overrides})
     model = load_causal_lm(model_dir, dtype)
     return model, lambda m: PolicyEngine(m, cfg, cfg.layout(info.world_size))
@@ -142,7 +143,55 @@ def stepgrad(model_dir: str, loss_type: str, gas: str, out: str) -> dict:
     return {"grad_norm": grad.norm().item()}
 
 
+def accum(model_dir: str, accum_dtype: str) -> dict:
+    """bf16 weights at ZeRO-2, one step of 8 micro-batches (one completion each): the summed gradient
+    that reaches our optimizer (captured in GuardedAdamW.step, before it steps) against the fp32 sum
+    of the very same bf16 micro-batch gradients, made with plain autograd on a bf16 copy of the
+    model. `accum_dtype`: "default" (minigrpo's DeepSpeed config: fp32) or "bf16" (forced by a
+    DeepSpeed file, DeepSpeed's own default). Returns the relative L2 error of the sum."""
+    import copy
+    import tempfile
+
+    from minigrpo.engine import GuardedAdamW
+    from minigrpo.scoring import completion_logprobs
+
+    ds = None
+    if accum_dtype == "bf16":
+        config = json.loads((ROOT / "recipes" / "deepspeed_zero2.json").read_text())
+        ds = str(Path(tempfile.mkdtemp()) / "zero2_bf16_accum.json")
+        Path(ds).write_text(json.dumps({**config, "data_types": {"grad_accum_dtype": "bf16"}}))
+    n = len(STEP_COMPLETIONS)
+    model, wrap = _policy(model_dir, "2", "bfloat16", deepspeed=ds, prompts_per_step=1, num_generations=n,
+                          gradient_accumulation_steps=n, max_grad_norm=1e9)  # no clipping: the sum itself
+    plain = copy.deepcopy(model)  # the same bf16 weights, outside DeepSpeed
+    captured = {}
+    step = GuardedAdamW.step
+
+    def capture(self, closure=None):
+        captured["grad"] = torch.cat([p.grad.flatten().float() for g in self.param_groups for p in g["params"]])
+        return step(self, closure)
+
+    GuardedAdamW.step = capture
+    policy = wrap(model)
+
+    def loss_of(module, k):
+        lp = completion_logprobs(module, STEP_PROMPTS[k:k + 1], STEP_COMPLETIONS[k:k + 1])  # [1, T]
+        return (lp.float() * STEP_ADVANTAGES[k]).sum() / 37.0  # a share of the step's loss
+
+    reference = None
+    for k in range(n):
+        policy.backward(loss_of(policy.module, k))
+        policy.step()
+        plain.zero_grad()
+        loss_of(plain, k).backward()  # each micro-batch's bf16 gradient, summed in fp32
+        g = torch.cat([p.grad.flatten().float() for p in plain.parameters() if p.requires_grad])
+        reference = g if reference is None else reference + g
+    got = captured["grad"][: reference.numel()]  # the flat partition, padding dropped
+    return {"relative_error": ((got - reference).norm() / reference.norm()).item(), "numel": reference.numel(),
+            "accum_dtype": str(policy.engine.get_data_types()[1])}
+
+
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    result = {"gradnorm": gradnorm, "trainmode": trainmode, "stepgrad": stepgrad}[mode](*args)
+    result = {"gradnorm": gradnorm, "trainmode": trainmode, "stepgrad": stepgrad, "accum": accum}[mode](*args)
     print("RESULT", json.dumps(result), flush=True)
