@@ -173,6 +173,7 @@ def accum(model_dir: str, accum_dtype: str) -> dict:
 
     GuardedAdamW.step = capture
     policy = wrap(model)
+    plain.to(next(policy.module.parameters()).device)  # DeepSpeed moved the policy to its device (a GPU)
 
     def loss_of(module, k):
         lp = completion_logprobs(module, STEP_PROMPTS[k:k + 1], STEP_COMPLETIONS[k:k + 1])  # [1, T]
