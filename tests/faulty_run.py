@@ -11,6 +11,8 @@
                    ulp (one element of one tensor is loaded one ulp off)
 --diverge-at=K     after step K's update, rank 1 moves one element of one weight by one ulp (its
                    replica diverges from rank 0's; run with 2 ranks)
+--shift-engine-logprobs=D  the rollout engine reports every sampled token's log-prob D higher than it
+                   is (a known trainer/engine mismatch, for the rollout correction)
 
 The faults are injected by wrapping names the step's phases look up at call time
 (`minigrpo.phases.grpo_loss`, `score_completions`, `sync_weights`, `rollout_seed`, and the resume
@@ -101,6 +103,28 @@ def _nudge_one_ulp(policy) -> None:
         p.view(-1)[0] = torch.nextafter(p.view(-1)[0], torch.tensor(float("inf"), dtype=p.dtype))
 
 
+def _shift_engine_logprobs(delta: float) -> None:
+    """Every engine the trainer makes reports its log-probs `delta` higher (startup.make_engine wrapped)."""
+    import dataclasses
+
+    from minigrpo import startup
+
+    make = startup.make_engine
+
+    def make_engine(*a, **k):
+        engine = make(*a, **k)
+        generate = engine.generate
+
+        def shifted(prompt_ids, sampling):
+            batch = generate(prompt_ids, sampling)
+            return dataclasses.replace(batch, logprobs=[[v + delta for v in row] for row in batch.logprobs])
+
+        engine.generate = shifted
+        return engine
+
+    startup.make_engine = make_engine
+
+
 def _inject(nan_at: set[int], break_push_at: int | None, push_fault: str, diverge_at: int | None = None) -> None:
     from minigrpo import phases, startup
 
@@ -146,6 +170,8 @@ def main(argv: list[str]) -> None:
     nan_at = {int(k) for k in flags["nan-at"].split(",")} if flags.get("nan-at") else set()
     break_at = int(flags["break-push-at"]) if "break-push-at" in flags else None
     diverge_at = int(flags["diverge-at"]) if "diverge-at" in flags else None
+    if "shift-engine-logprobs" in flags:
+        _shift_engine_logprobs(float(flags["shift-engine-logprobs"]))
     _inject(nan_at, break_at, flags.get("push-fault", "nothing"), diverge_at)
     rewards = [REWARDS[name] for name in flags.get("rewards", "says_a").split(",")]
     cfg = Config.load(None, TINY_DEFAULTS + [f"model={model_dir}", f"output_dir={out_dir}"] + overrides)

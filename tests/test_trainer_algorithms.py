@@ -4,6 +4,7 @@ run them; dynamic sampling keeps groups with a spread, resumes exactly, and leav
 fewer groups running ghost micro-batches; a resume that would change the schedule is refused."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -119,3 +120,31 @@ def test_a_rank_left_short_runs_ghost_micro_batches(tiny_model, tmp_path, ranks,
     assert all(r["dynamic/rounds"] == 1 for r in rows)
     trained = [r for r in rows if r["dynamic/groups_kept"] > 0]
     assert trained and all(r["grad_norm"] > 0 for r in trained)
+
+
+def test_rollout_correction_weights_what_the_math_predicts_for_a_known_engine_mismatch(tiny_model, tmp_path):
+    """In fp32 the engine's and trainer's log-probs agree (rho ~ 1), so the runs above would pass with
+    the correction disconnected (issue 24). Here tests/faulty_run.py makes the engine report every
+    token's log-prob D higher than it is, so log rho = trainer - engine = -D exactly (to fp32 noise):
+    - token_truncate, D = -1: rho = e = 2.718 > cap 2 on every token: all truncated, weight 2;
+    - token_truncate, D = +0.5: rho = e^-0.5 = 0.6065 under the cap: none truncated, weight 0.6065;
+    - sequence_mask, D = +1: a sequence's log rho = -length, |.| >= 1 > log 2: every sequence masked,
+      weight 0, so nothing is learned (beta 0): the weights stay as they were."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT / "tests")}
+
+    def faulty(out, *args):
+        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "faulty_run.py"), str(tiny_model), str(out),
+                               "rollout=vllm", "max_steps=2", *args], capture_output=True, text=True, env=env,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    for r in faulty(tmp_path / "up", "--shift-engine-logprobs=-1", "rollout_correction=token_truncate"):
+        assert r["rollout_is/truncated_fraction"] == 1.0 and r["rollout_is/weight_mean"] == pytest.approx(2.0)
+        assert r["rollout_is/ratio_max"] == pytest.approx(math.e, rel=1e-4)
+    for r in faulty(tmp_path / "down", "--shift-engine-logprobs=0.5", "rollout_correction=token_truncate"):
+        assert r["rollout_is/truncated_fraction"] == 0.0
+        assert r["rollout_is/weight_mean"] == pytest.approx(math.exp(-0.5), rel=1e-4)
+    rows = faulty(tmp_path / "mask", "--shift-engine-logprobs=1", "rollout_correction=sequence_mask")
+    assert all(r["rollout_is/masked_fraction"] == 1.0 and r["rollout_is/weight_mean"] == 0.0 for r in rows)
+    assert all(r["grad_norm"] == 0.0 for r in rows) and rows[0]["param_checksum"] == rows[1]["param_checksum"]
