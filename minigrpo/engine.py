@@ -9,6 +9,7 @@ Checked against DeepSpeed 0.19.8 on CPU (gloo) and its documented GPU behaviour.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import math
 import os
@@ -31,12 +32,13 @@ class DistInfo:
     local_rank: int
 
 
-def init_distributed(log_level: str = "warning") -> DistInfo:
+def init_distributed(log_level: str = "warning", timeout_minutes: float = 60.0) -> DistInfo:
     """Join the process group (or make a one-process group); same code under torchrun/deepspeed.
 
     `deepspeed.initialize` needs RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; with
     any missing it tries MPI discovery and fails on mpi4py (0.19.8). A plain `python script.py`
     is one rank, so we fill them in. `log_level`: DeepSpeed's own messages below it are hidden.
+    `timeout_minutes`: how long any collective waits (DeepSpeed's default is 10).
     """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -58,7 +60,8 @@ def init_distributed(log_level: str = "warning") -> DistInfo:
         # DeepSpeed 0.19 on CPU prints (not logs) "... shm_comm_op built successfully" in here.
         quiet = contextlib.redirect_stdout(io.StringIO()) if log_level in ("warning", "error") else contextlib.nullcontext()
         with quiet:
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                       timeout=datetime.timedelta(minutes=timeout_minutes))
     return DistInfo(
         torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
     )

@@ -119,7 +119,7 @@ def start_run(cfg: Config, rewards: list[Reward], train_dataset, eval_dataset, t
     train_set = prepare_prompts(train_dataset, tokenizer, template, cfg.max_prompt_length)  # too long: error
     eval_set = prepare_prompts(eval_dataset, tokenizer, template, cfg.max_prompt_length) if eval_dataset else None
 
-    info = init_distributed(cfg.log_level)
+    info = init_distributed(cfg.log_level, cfg.dist_timeout_minutes)
     layout = cfg.layout(info.world_size)
     seed_everything(cfg.seed + info.rank)
     policy, reference, adapter = _load_models(cfg, model_path, info, layout)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from minigrpo import collectives
 from minigrpo.rollout import Probe, WeightSyncError
 from minigrpo.scoring import completion_logprobs
 
@@ -20,11 +21,26 @@ PROBE_MARGIN, PROBE_FLOOR = 10.0, 1e-3
 def sync_weights(rollout, policy, probe_ids: list[int], atol: float | None) -> None:
     """New weights into the rollout engine, verified there exactly (every weight's bits) and, given
     a tolerance, by the probe's log-probs scored with the policy. Every rank calls it (ZeRO-3's
-    gathers are collective)."""
+    gathers are collective), and every rank learns whether every push took: a push that failed on
+    one colocated rank raises there and a `WeightSyncError` on the others, instead of leaving them
+    waiting in the next collective until the process group's timeout."""
     if rollout.shares_policy_weights:
         return
     probe = Probe(tuple(probe_ids), tuple(probe_logprobs(policy, probe_ids)), atol) if atol is not None else None
-    rollout.push_weights(policy.pushed_weights(), probe)  # LoRA: merged
+    weights = policy.pushed_weights()  # LoRA: merged
+    error = None
+    try:
+        rollout.push_weights(weights, probe)
+    except Exception as e:  # re-raised below, after the other ranks have heard of it
+        error = e
+        for _ in weights:  # the rest of the gathers (ZeRO-3: collective), so no rank is left in one
+            pass
+    failed = collectives.all_reduce_scalars([float(error is not None)], "max")[0]
+    if error is not None:
+        raise error
+    if failed:
+        raise WeightSyncError("the weight push failed on another rank (its error names the cause); "
+                              f"stopping rank {collectives.rank()} too")
 
 
 def probe_logprobs(policy, probe_ids: list[int]) -> list[float]:

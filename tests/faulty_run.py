@@ -9,6 +9,7 @@
 --break-push-at=K  from step K on the vLLM weight push is broken, as --push-fault says:
 --push-fault=KIND  nothing (default: `_load_chunk` loads nothing), skip (one tensor is left out),
                    ulp (one element of one tensor is loaded one ulp off)
+--break-push-rank=R  break the push on rank R only (default: every rank)
 --diverge-at=K     after step K's update, rank 1 moves one element of one weight by one ulp (its
                    replica diverges from rank 0's; run with 2 ranks)
 --shift-engine-logprobs=D  the rollout engine reports every sampled token's log-prob D higher than it
@@ -125,7 +126,8 @@ def _shift_engine_logprobs(delta: float) -> None:
     startup.make_engine = make_engine
 
 
-def _inject(nan_at: set[int], break_push_at: int | None, push_fault: str, diverge_at: int | None = None) -> None:
+def _inject(nan_at: set[int], break_push_at: int | None, push_fault: str, diverge_at: int | None = None,
+            break_rank: int | None = None) -> None:
     from minigrpo import phases, startup
 
     seed_of, loss_fn, score, push = phases.rollout_seed, phases.grpo_loss, phases.score_completions, phases.sync_weights
@@ -148,7 +150,8 @@ def _inject(nan_at: set[int], break_push_at: int | None, push_fault: str, diverg
     def sync_weights(*a, **k):
         if diverge_at == STEP and int(os.environ.get("RANK", "0")) == 1:
             _nudge_one_ulp(a[1])  # (rollout, policy, probe_ids, atol): after the update, before the push
-        if break_push_at is not None and STEP >= break_push_at:
+        rank = int(os.environ.get("RANK", "0"))
+        if break_push_at is not None and STEP >= break_push_at and break_rank in (None, rank):
             from minigrpo.rollout import vllm_engine
 
             vllm_engine._load_chunk = _broken_loader(push_fault)  # the load "succeeds", wrongly
@@ -172,7 +175,8 @@ def main(argv: list[str]) -> None:
     diverge_at = int(flags["diverge-at"]) if "diverge-at" in flags else None
     if "shift-engine-logprobs" in flags:
         _shift_engine_logprobs(float(flags["shift-engine-logprobs"]))
-    _inject(nan_at, break_at, flags.get("push-fault", "nothing"), diverge_at)
+    break_rank = int(flags["break-push-rank"]) if "break-push-rank" in flags else None
+    _inject(nan_at, break_at, flags.get("push-fault", "nothing"), diverge_at, break_rank)
     rewards = [REWARDS[name] for name in flags.get("rewards", "says_a").split(",")]
     cfg = Config.load(None, TINY_DEFAULTS + [f"model={model_dir}", f"output_dir={out_dir}"] + overrides)
     try:

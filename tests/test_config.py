@@ -116,3 +116,21 @@ def test_the_server_takes_its_own_share_of_its_gpu_not_the_colocated_one():
     assert engine_memory(Config(), on_gpu=True) == {}  # colocated, unset: the engine's default (0.5 of a GPU)
     with pytest.raises(ConfigError, match="vllm_server_gpu_memory_utilization"):
         Config(vllm_server_gpu_memory_utilization=1.5)
+
+
+def test_the_process_group_timeout_is_a_setting():
+    """DeepSpeed's default (10 minutes) can run out while rank 0 alone starts the server or writes a
+    large checkpoint (issue 24): `dist_timeout_minutes` (default 60) reaches the process group."""
+    import subprocess
+    import sys
+
+    assert Config().dist_timeout_minutes == 60.0
+    with pytest.raises(ConfigError, match="dist_timeout_minutes"):
+        Config(dist_timeout_minutes=0)
+    code = ("import torch, torch.distributed as dist\n"
+            "from minigrpo.engine import init_distributed\n"
+            "init_distributed('error', 1.5)\n"
+            "backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device('cpu'))\n"
+            "print('TIMEOUT', backend.options._timeout.total_seconds())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "TIMEOUT 90.0" in proc.stdout, proc.stderr[-2000:]

@@ -537,6 +537,27 @@ def test_a_weight_push_that_does_not_take_stops_the_run(tiny_model, tmp_path, fa
     assert not ckpt.latest_checkpoint(out)
 
 
+@pytest.mark.slow
+def test_a_push_that_fails_on_one_rank_stops_every_rank(tiny_model, tmp_path):
+    """Two colocated ranks (one vLLM engine each); from step 2 rank 1's push leaves a tensor out. Rank 1
+    raises its WeightSyncError; rank 0, whose push took, learns of it through the push's vote and stops
+    too, instead of waiting in the next collective until the process group's timeout (issue 24)."""
+    pytest.importorskip("vllm")
+    from tiny_task import free_port
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+           str(TESTS / "faulty_run.py"), str(tiny_model), str(out), "--break-push-at=2", "--push-fault=skip",
+           "--break-push-rank=1", "rollout=vllm", "max_steps=3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)  # a hang fails here
+    assert proc.returncode != 0
+    errors = [" ".join(e) for e in events(proc.stdout, "error")]
+    assert len(errors) == 2, proc.stdout[-3000:]  # both ranks stopped with an error of their own
+    assert any("WeightSyncError:" in e and "qkv_proj" in e for e in errors), errors  # rank 1: the cause
+    assert any("WeightSyncError:" in e and "failed on another rank" in e for e in errors), errors  # rank 0
+    assert [r["step"] for r in rows(out)] == [1]
+
+
 # ============================================================================ edge batches
 
 
