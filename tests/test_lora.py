@@ -149,15 +149,37 @@ def test_lora_learns_and_its_flipped_twin_does_not(lora_model_dir, tmp_path):
     assert -sum(r["reward/says_a_negated/mean"] for r in flipped[-5:]) / 5 < 0.05
 
 
+@pytest.fixture(scope="module")
+def lora_zero0_two_ranks(lora_model_dir, tmp_path_factory):
+    """4 LoRA steps at ZeRO-0 on 2 ranks: what ZeRO-2 and -3 on 2 ranks must reproduce."""
+    out = tmp_path_factory.mktemp("lora-zero0") / "run"
+    return run(lora_model_dir, out, *LORA, "max_steps=4", ranks=2), out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["0", "2", "3"])
-def test_lora_resumes_exactly_and_exports(lora_model_dir, tmp_path, stage):
+def test_lora_resumes_exactly_and_exports(lora_model_dir, tmp_path, stage, request):
     """4 steps in one go vs 2 + 2 resumed (vLLM, every push of merged weights checked exactly), at
-    ZeRO-0 (1 rank), ZeRO-2 and ZeRO-3 (2 ranks); the checkpoint holds the adapter, not the model;
-    the export loads and gives the trainer's log-probs."""
+    ZeRO-0 (1 rank), ZeRO-2 and ZeRO-3 (2 ranks; their adapters are ZeRO-0's on 2 ranks, to the
+    tolerances of tests/test_zero.py); the checkpoint holds the adapter, not the model; the export
+    loads and gives the trainer's log-probs."""
     common = (*LORA, "max_steps=4") + (() if stage == "0" else (f"deepspeed={ROOT}/recipes/deepspeed_zero{stage}.json",))
     ranks = 1 if stage == "0" else 2
     full = run(lora_model_dir, tmp_path / "full", *common, ranks=ranks)
+    if stage != "0":  # the same samples and losses, and nearly the same adapters, as ZeRO-0 (issue 24)
+        from safetensors.torch import load_file
+
+        base_rows, base_out = request.getfixturevalue("lora_zero0_two_ranks")
+        assert [r["reward/total/mean"] for r in full] == [r["reward/total/mean"] for r in base_rows]
+        for a, b in zip(full, base_rows):
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a["step"], a["grad_norm"], b["grad_norm"])
+        adapter = "checkpoints/step-000004/adapter/adapter_model.safetensors"
+        got, want = load_file(str(tmp_path / "full" / adapter)), load_file(str(base_out / adapter))
+        assert set(got) == set(want)
+        # test_zero's tolerances scaled to this learning rate (1e-2, 3.3x its 3e-3): AdamW magnifies the
+        # reduction order's rounding in elements whose gradients are near 0. Measured 5.8e-6 at ZeRO-2.
+        worst = max((got[k] - want[k]).abs().max().item() for k in want)
+        assert worst < {"2": 2e-5, "3": 3e-4}[stage], worst
     run(lora_model_dir, tmp_path / "split", *common, "max_steps=2", ranks=ranks)
     split = run(lora_model_dir, tmp_path / "split", *common, "--resume", ranks=ranks)
     assert [r["step"] for r in split] == [1, 2, 3, 4]
