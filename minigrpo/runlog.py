@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import warnings
 from pathlib import Path
 
@@ -147,6 +148,11 @@ class Progress:
         if "eval/success_rate" in m:
             self.bar.write(f"step {step} held-out: {eval_line(m)}")
 
+    def write(self, line: str) -> None:
+        """A line above the bar (rank 0 only)."""
+        if self.enabled:
+            self.bar.write(line)
+
     def close(self) -> None:
         if self.enabled:
             self.bar.close()
@@ -178,3 +184,35 @@ def before_after(history: list[dict], how: str) -> str | None:
                                     ("eval/completion_length", "length", ".0f"))
              if isinstance(a.get(key), float) and isinstance(b.get(key), float)]
     return f"held-out, {int(b.get('eval/tasks', 0))} tasks, {how}, step {a['step']} -> {b['step']}: " + ", ".join(parts)
+
+
+SPIKE_KEYS = ("loss", "kl", "grad_norm")  # what a finite divergence shows first
+
+
+def spikes(history: list[dict], metrics: dict, window: int = 20, factor: float = 10.0,
+           min_steps: int = 5) -> dict[str, tuple[float, float, float]]:
+    """The step's `SPIKE_KEYS` that lie far outside their running range: more than `factor` median
+    absolute deviations (MAD) from the median of their last `window` finite values in `history`
+    (the logged rows; at least `min_steps` of them). The MAD is floored at a tenth of the largest
+    recent magnitude (and 1e-12): a spike must stand out by more than that magnitude, so a loss that
+    is exactly 0 on most steps (groups without reward spread) does not flag every other step. 10 MADs
+    is ~6.7 standard deviations of normal noise. A run that diverges while staying finite is what
+    the NaN guard misses. Returns {key: (value, running median, distance in MADs)}; empty: none."""
+    out = {}
+    for key in SPIKE_KEYS:
+        x = metrics.get(key)
+        past = [r[key] for r in history[-window:] if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if not isinstance(x, (int, float)) or not math.isfinite(x) or len(past) < min_steps:
+            continue
+        med = statistics.median(past)
+        mad = statistics.median(abs(p - med) for p in past)
+        distance = abs(x - med) / max(mad, 0.1 * max(abs(p) for p in past), 1e-12)
+        if distance > factor:
+            out[key] = (float(x), med, distance)
+    return out
+
+
+def spike_line(step: int, found: dict[str, tuple[float, float, float]]) -> str:
+    """One console line naming each spiking metric, its value and its running median."""
+    parts = [f"{k} {v:.4g} (running median {m:.4g}, {d:.0f} MADs away)" for k, (v, m, d) in found.items()]
+    return f"[minigrpo] step {step}: possible divergence: " + "; ".join(parts)

@@ -22,7 +22,7 @@ from minigrpo.config import Config
 from minigrpo.evaluation import evaluate
 from minigrpo.phases import (StepBatch, collect_rollouts, compute_advantages, frozen_logprobs, push_weights,
                              step_metrics, update_policy)
-from minigrpo.runlog import Progress, RunLog, before_after, eval_line
+from minigrpo.runlog import Progress, RunLog, before_after, eval_line, spike_line, spikes
 from minigrpo.runtime import PhaseTimer, StopOnSignal
 from minigrpo.startup import LoopState, Run, TrainerState, check_inputs, run_identity, start_run, trainer_state
 
@@ -61,6 +61,7 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
         # ------------------------------------------------------------ samples, evaluation, log, checkpoint
         _write_samples(run, log, step, batch)
         metrics.update(_evaluate_if_due(run, step))
+        metrics.update(_flag_spikes(log, progress, step, metrics))
         log.log(step, metrics)
         if run.main and (step % cfg.logging_steps == 0 or step == cfg.max_steps):
             progress.update(step, metrics)
@@ -97,6 +98,15 @@ def _write_samples(run: Run, log: RunLog, step: int, batch: StepBatch) -> None:
     solved = [v == 1.0 for v in r.scores.per_reward[run.cfg.success_reward]] if tracked else [False] * len(r.batch)
     log.samples(step, [t for t in r.prompt_texts for _ in range(G)], r.batch.texts, r.scores.total.tolist(), solved,
                 run.cfg.num_completion_samples)
+
+
+def _flag_spikes(log: RunLog, progress: Progress, step: int, metrics: dict) -> dict[str, float]:
+    """Loss, KL or grad norm far outside its running range (a divergence that stays finite): a console
+    line now, and `spike/<metric>` (its distance in MADs) in the step's row. Rank 0 (its log holds the history)."""
+    found = spikes(log.history, metrics)
+    if found:
+        progress.write(spike_line(step, found))
+    return {f"spike/{k}": distance for k, (_, _, distance) in found.items()}
 
 
 def _evaluate_if_due(run: Run, step: int) -> dict[str, float]:

@@ -5,6 +5,7 @@
 
 --rewards=A,B      train on these rewards (default says_a): the functions below or tiny_task's
 --nan-at=K,...     multiply the loss by NaN at these steps (every micro-batch of the step)
+--scale-loss-at=K:F  multiply the loss by F at step K (a finite spike of the loss and grad norm)
 --hang-at=K        the reward `hangs_at_step` sleeps for 1e6 s from step K on (0.0 before)
 --break-push-at=K  from step K on the vLLM weight push is broken, as --push-fault says:
 --push-fault=KIND  nothing (default: `_load_chunk` loads nothing), skip (one tensor is left out),
@@ -127,7 +128,7 @@ def _shift_engine_logprobs(delta: float) -> None:
 
 
 def _inject(nan_at: set[int], break_push_at: int | None, push_fault: str, diverge_at: int | None = None,
-            break_rank: int | None = None) -> None:
+            break_rank: int | None = None, scale_at: tuple[int, float] = (-1, 1.0)) -> None:
     from minigrpo import phases, startup
 
     seed_of, loss_fn, score, push = phases.rollout_seed, phases.grpo_loss, phases.score_completions, phases.sync_weights
@@ -141,6 +142,8 @@ def _inject(nan_at: set[int], break_push_at: int | None, push_fault: str, diverg
 
     def grpo_loss(*a, **k):
         loss, metrics = loss_fn(*a, **k)
+        if STEP == scale_at[0]:
+            loss = loss * scale_at[1]
         return (loss * float("nan") if STEP in nan_at else loss), metrics
 
     def score_completions(*a, **k):
@@ -176,7 +179,8 @@ def main(argv: list[str]) -> None:
     if "shift-engine-logprobs" in flags:
         _shift_engine_logprobs(float(flags["shift-engine-logprobs"]))
     break_rank = int(flags["break-push-rank"]) if "break-push-rank" in flags else None
-    _inject(nan_at, break_at, flags.get("push-fault", "nothing"), diverge_at, break_rank)
+    scale = flags.get("scale-loss-at", "-1:1").split(":")
+    _inject(nan_at, break_at, flags.get("push-fault", "nothing"), diverge_at, break_rank, (int(scale[0]), float(scale[1])))
     rewards = [REWARDS[name] for name in flags.get("rewards", "says_a").split(",")]
     cfg = Config.load(None, TINY_DEFAULTS + [f"model={model_dir}", f"output_dir={out_dir}"] + overrides)
     try:

@@ -267,6 +267,41 @@ def test_the_replica_checksum_sums_in_chunks_as_the_whole_fp64_sum():
     assert _sum64(torch.empty(0)).item() == 0.0 and _sum64(t).dtype == torch.float64
 
 
+def test_spikes_far_outside_the_running_range_are_flagged():
+    from minigrpo.runlog import spike_line, spikes
+
+    rows = [{"step": i, "loss": 0.01 * (-1) ** i, "kl": 0.0, "grad_norm": 1.0 + 0.1 * (i % 3)} for i in range(1, 11)]
+    # grad norms 1.0, 1.1, 1.2: median 1.1, MAD 0.1, floored at 0.1 x 1.2 = 0.12. 2.5 is 1.4/0.12 = 11.7
+    # away; 1.9 is 6.7
+    found = spikes(rows, {"loss": 0.01, "kl": 0.0, "grad_norm": 2.5})
+    assert list(found) == ["grad_norm"] and found["grad_norm"] == pytest.approx((2.5, 1.1, 1.4 / 0.12))
+    assert spikes(rows, {"loss": 0.01, "kl": 0.0, "grad_norm": 1.9}) == {}
+    # the loss alternates +-0.01: median 0 (mean of the two middle values), MAD 0.01; 0.5 is 50 away
+    assert spikes(rows, {"loss": 0.5, "grad_norm": 1.0})["loss"][2] == pytest.approx(50.0)
+    # a loss exactly 0 on most steps (no reward spread): a small loss is no spike, a large one is
+    zeros = [{"loss": 0.0} for _ in range(8)] + [{"loss": 0.004}, {"loss": -0.003}]
+    assert spikes(zeros, {"loss": 0.003}) == {} and "loss" in spikes(zeros, {"loss": 0.5})  # 7.5 and 1250 away
+    # KL that sat at exactly 0 (the floor is then 1e-12): any KL stands out; beta 0 logs 0 always
+    assert "kl" in spikes(rows, {"kl": 1e-3}) and spikes(rows, {"kl": 0.0}) == {}
+    # fewer than 5 earlier steps, or a non-finite value: nothing is judged
+    assert spikes(rows[:4], {"grad_norm": 100.0}) == {} and spikes(rows, {"grad_norm": float("inf")}) == {}
+    line = spike_line(7, found)
+    assert line == "[minigrpo] step 7: possible divergence: grad_norm 2.5 (running median 1.1, 12 MADs away)"
+
+
+@pytest.mark.slow
+def test_a_finite_divergence_is_flagged_with_its_step(tiny_model, tmp_path):
+    """A loss multiplied by 1000 at step 7 (finite: the NaN guard lets it through): the step's grad norm
+    jumps far out of its running range and the run says so, in the console and in the step's row."""
+    out = tmp_path / "run"
+    proc = launch("faulty_run.py", tiny_model, out, "--scale-loss-at=7:1000", "rollout=torch", "max_steps=8",
+                  "max_grad_norm=1e9")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = {row["step"]: row for row in rows(out)}
+    assert r[7]["spike/grad_norm"] > 10 and all("spike/grad_norm" not in r[s] for s in (1, 2, 3, 4, 5, 6, 8))
+    assert "[minigrpo] step 7: possible divergence: grad_norm" in proc.stdout + proc.stderr
+
+
 @pytest.mark.slow
 def test_replicas_one_ulp_apart_stop_the_run_naming_the_divergence(tiny_model, tmp_path):
     """The replica check (runtime.check_replicas) is what proves 2-rank runs keep identical weights;
