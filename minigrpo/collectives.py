@@ -47,6 +47,12 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """A new tensor: `t` reduced over all ranks (op: sum | min | max), on `t`'s device."""
     if not active():
         return t.clone()
+    return _all_reduce_on_backend(t, op)
+
+
+def _all_reduce_on_backend(t: torch.Tensor, op: str) -> torch.Tensor:
+    """The reduction itself: `t` moved to the backend's device, reduced, moved back. Apart from
+    `all_reduce` so that a one-rank NCCL group (one GPU) can run the move (tests/test_gpu.py)."""
     work = t.detach().to(backend_device(), copy=True)
     dist.all_reduce(work, op=_OPS[op])
     return work.to(t.device)

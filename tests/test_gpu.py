@@ -39,10 +39,12 @@ def _env(**extra) -> dict:
 
 
 def train(model, out, *args, ranks: int = 1) -> list[dict]:
+    """A tiny-task run with deterministic CUDA kernels: the resume tests compare a resumed step with the
+    uninterrupted one to 1e-6, which CUDA's atomic adds (embedding backward) would otherwise break."""
     launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                      "--nproc_per_node", str(ranks), "--master_port", free_port()]
     proc = subprocess.run([*launcher, SCRIPT, str(model), str(out), *args], capture_output=True, text=True,
-                          env=_env(), timeout=600)
+                          env=_env(MINIGRPO_TEST_DETERMINISTIC="1", CUBLAS_WORKSPACE_CONFIG=":4096:8"), timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
@@ -55,17 +57,20 @@ def check(*args) -> dict:
 
 
 def test_nccl_group_of_one_rank_takes_cpu_tensors_through_collectives(tmp_path):
+    """One GPU: the public collectives are the identity with one rank (nothing reaches NCCL), so the
+    device-moving reduction is called directly: a CPU tensor must go to the GPU, through NCCL (which
+    refuses CPU tensors) and come back on the CPU."""
     code = textwrap.dedent("""
         import json, torch
         from minigrpo import collectives
         from minigrpo.engine import init_distributed
         info = init_distributed()
         import torch.distributed as dist
-        out = {"backend": dist.get_backend(), "device": torch.cuda.current_device()}
+        out = {"backend": dist.get_backend(), "device": torch.cuda.current_device(),
+               "moves_to": str(collectives.backend_device())}
         t = torch.tensor([1.5, -2.0], dtype=torch.float64)  # CPU: NCCL alone would refuse it
-        r = collectives.all_reduce(t, "max")
-        out.update(value=r.tolist(), on=str(r.device), scalars=collectives.all_reduce_scalars([3.0]),
-                   obj=collectives.broadcast_object({"k": 1}))
+        r = collectives._all_reduce_on_backend(t, "max")
+        out.update(value=r.tolist(), on=str(r.device), obj=collectives.broadcast_object({"k": 1}))
         collectives.barrier()
         print("RESULT", json.dumps(out))
     """)
@@ -73,7 +78,32 @@ def test_nccl_group_of_one_rank_takes_cpu_tensors_through_collectives(tmp_path):
                           env=_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port()))
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))[7:])
-    assert r == {"backend": "nccl", "device": 0, "value": [1.5, -2.0], "on": "cpu", "scalars": [3.0], "obj": {"k": 1}}
+    assert r == {"backend": "nccl", "device": 0, "moves_to": "cuda:0", "value": [1.5, -2.0], "on": "cpu",
+                 "obj": {"k": 1}}
+
+
+@needs_two
+def test_nccl_collectives_over_two_ranks(tmp_path):
+    """Two GPUs, two ranks over NCCL: every public collective with the loop's small CPU tensors."""
+    script = tmp_path / "two.py"
+    script.write_text(textwrap.dedent("""
+        import json, torch
+        from minigrpo import collectives
+        from minigrpo.engine import init_distributed
+        info = init_distributed()
+        r = collectives.all_reduce(torch.tensor([info.rank + 1.0], dtype=torch.float64))  # CPU: 1 + 2
+        out = {"rank": info.rank, "sum": r.tolist(), "on": str(r.device),
+               "max": collectives.all_reduce_scalars([float(info.rank)], "max"),
+               "obj": collectives.broadcast_object({"from": info.rank})}
+        collectives.barrier()
+        print("RESULT", json.dumps(out), flush=True)
+    """))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           free_port(), str(script)], capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT")),
+                     key=lambda r: r["rank"])
+    assert results == [{"rank": k, "sum": [3.0], "on": "cpu", "max": [1.0], "obj": {"from": 0}} for k in (0, 1)]
 
 
 def assert_step_2_resumes(model, out, resumed, args, rows) -> None:

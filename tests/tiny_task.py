@@ -16,6 +16,7 @@ Run as a script so each training run gets a fresh process (vLLM and DeepSpeed ke
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from pathlib import Path
@@ -160,7 +161,6 @@ def audit_collectives() -> None:
     """Wrap torch.distributed's collectives so that a call whose nearest caller outside
     torch.distributed and deepspeed.comm is a minigrpo file other than collectives.py raises."""
     import atexit
-    import os
 
     import torch.distributed as dist
 
@@ -195,6 +195,13 @@ def main(argv: list[str]) -> None:
     from minigrpo import Config, train
 
     flags = dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--"))
+    if os.environ.get("MINIGRPO_TEST_DETERMINISTIC") == "1":
+        # tests/test_gpu.py's exact resume: CUDA's embedding backward adds with atomics (run-to-run
+        # differences in the last bits) unless deterministic kernels are asked for; warn_only: an op
+        # without one runs as before and says so. Needs CUBLAS_WORKSPACE_CONFIG, set by the test.
+        import torch
+
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if "audit-collectives" in flags:
         audit_collectives()
     model_dir, out_dir, *overrides = [a for a in argv if not a.startswith("--")]
