@@ -37,11 +37,17 @@ def load_config(argv: list[str] | None = None) -> tuple[argparse.Namespace, Conf
     p.add_argument("--max-steps", type=int)
     p.add_argument("--rollout", choices=["vllm", "torch", "vllm_server"])
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.add_argument("--plan", action="store_true", help="print the per-GPU memory and disk plan and exit "
+                   "(2 if it does not fit); loads no model")
+    p.add_argument("--gpu-memory", help="the GPU's memory for --plan, e.g. 80GB (default: this machine's GPU, else 80GB)")
+    p.add_argument("--world-size", type=int, help="training ranks for --plan (default: $WORLD_SIZE, else 1)")
+    p.add_argument("--force", action="store_true", help="run even if the memory plan does not fit the GPU")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # appended by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
 
-    flags = {"model": args.model, "output_dir": args.output_dir, "max_steps": args.max_steps, "rollout": args.rollout}
+    flags = {"model": args.model, "output_dir": args.output_dir, "max_steps": args.max_steps, "rollout": args.rollout,
+             "memory_check": False if args.force else None}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
     cfg = Config.load(args.config, overrides)  # every config error surfaces here, before any model loads
     unknown = sorted(set(cfg.rewards) - set(COUNTDOWN_REWARDS))
@@ -50,8 +56,26 @@ def load_config(argv: list[str] | None = None) -> tuple[argparse.Namespace, Conf
     return args, cfg
 
 
+def print_plan(args: argparse.Namespace, cfg: Config) -> int:
+    """--plan: the memory and disk plan (minigrpo/plan.py) from the config and the model's config.json."""
+    import torch
+
+    from minigrpo.plan import GiB, format_plan, model_config, parse_bytes, plan_memory
+
+    if args.gpu_memory:
+        gpu = parse_bytes(args.gpu_memory)
+    else:
+        gpu = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * GiB
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
+    plan = plan_memory(cfg, world, gpu, model_config(cfg))
+    print(format_plan(plan, cfg, world))
+    return 0 if plan.fits else 2
+
+
 def main() -> None:
     args, cfg = load_config()
+    if args.plan:
+        raise SystemExit(print_plan(args, cfg))
     splits = load_recipe_tasks(cfg)  # without the tasks of its held-out set, if it names one
     out = train(cfg, [COUNTDOWN_REWARDS[name] for name in cfg.rewards], splits["train"], splits["test"], template=R1_COUNTDOWN,
                 resume=args.resume)

@@ -78,6 +78,11 @@ class Config:
     # default, 10 minutes, can run out while rank 0 alone starts the vLLM server or writes a 3B
     # checkpoint and the other ranks wait at the next collective.
     dist_timeout_minutes: float = 60.0
+    # The memory plan (minigrpo/plan.py, `examples/countdown.py --plan`): on a GPU, a run whose planned
+    # per-GPU memory exceeds this fraction of the GPU is refused before the model loads, with the
+    # numbers and what to change; memory_check: false (--force) runs it anyway.
+    memory_max_fraction: float = 0.95
+    memory_check: bool = True
     # Every push is checked exactly (integer sums of every weight's bits) and then by a probe: the
     # engine's log-probs of a fixed text within this tolerance of the trainer's. None: calibrated
     # before step 1, while both hold the same weights (10x their difference, at least 1e-3).
@@ -277,6 +282,7 @@ class Config:
         need(self.vllm_kv_cache_gib is None or self.vllm_kv_cache_gib > 0, "vllm_kv_cache_gib", "must be > 0")
         need(0 < self.vllm_server_gpu_memory_utilization <= 1, "vllm_server_gpu_memory_utilization", "must be in (0, 1]")
         need(self.dist_timeout_minutes > 0, "dist_timeout_minutes", "must be > 0")
+        need(0 < self.memory_max_fraction <= 1, "memory_max_fraction", "must be in (0, 1]")
         need(self.vllm_kv_cache_gib is None or self.vllm_gpu_memory_utilization is None, "vllm_kv_cache_gib",
              "give vllm_kv_cache_gib or vllm_gpu_memory_utilization, not both")
         need(self.reward_on_error in ("zero", "raise"), "reward_on_error", "must be zero or raise")

@@ -9,6 +9,8 @@ rate schedule and LoRA shape) are written into every checkpoint and compared on 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from minigrpo.config import Config, ConfigError, Layout
 from minigrpo.engine import DistInfo, PolicyEngine, init_distributed, warmup_steps
 from minigrpo.evaluation import check_reward_names
 from minigrpo.models import load_causal_lm, load_tokenizer, resolve_model, set_transformers_log_level
+from minigrpo.plan import check_before_loading
 from minigrpo.rewards import REWARD_ARGUMENTS, Reward
 from minigrpo.rewards.isolation import accepted_keywords
 from minigrpo.rollout import Sampling, make_engine
@@ -115,6 +118,10 @@ def start_run(cfg: Config, rewards: list[Reward], train_dataset, eval_dataset, t
     """Tokenize the prompts, start the processes, load the models and engines, resume, calibrate the push probe."""
     set_transformers_log_level(cfg.log_level)
     model_path = resolve_model(cfg.model, cfg.model_cache_dir)  # a bad path fails here, in one line
+    gpu = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory \
+        if torch.cuda.is_available() else None
+    check_before_loading(cfg, json.loads((model_path / "config.json").read_text()), int(os.environ.get("WORLD_SIZE", 1)),
+                         gpu)  # memory (on a GPU) and disk, planned before anything heavy
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     train_set = prepare_prompts(train_dataset, tokenizer, template, cfg.max_prompt_length)  # too long: error
     eval_set = prepare_prompts(eval_dataset, tokenizer, template, cfg.max_prompt_length) if eval_dataset else None

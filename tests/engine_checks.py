@@ -5,6 +5,7 @@ own (DeepSpeed keeps a process group and global state), run by tests/test_engine
     python tests/engine_checks.py trainmode MODEL_DIR              # checkpointing recomputes, dropout is off
     python tests/engine_checks.py stepgrad MODEL_DIR LOSS_TYPE GAS OUT   # the step's gradient, to OUT (rank 0)
     python tests/engine_checks.py accum MODEL_DIR ACCUM_DTYPE        # bf16 ZeRO-2: the summed gradient vs an fp32 sum
+    python tests/engine_checks.py alloc MODEL_DIR STAGE DTYPE        # bytes held by weights, gradients, optimizer
 
 Each prints one line `RESULT {json}`.
 """
@@ -192,7 +193,31 @@ def accum(model_dir: str, accum_dtype: str) -> dict:
             "accum_dtype": str(policy.engine.get_data_types()[1])}
 
 
+def alloc(model_dir: str, stage: str, dtype: str) -> dict:
+    """After one optimizer step: the bytes of the module's weights and gradients and of the optimizer's
+    tensors (fp32 master partitions and AdamW states), as minigrpo.plan counts them."""
+    from minigrpo.scoring import completion_logprobs
+
+    model, wrap = _policy(model_dir, stage, dtype, gradient_accumulation_steps=1, num_generations=2)
+    policy = wrap(model)
+    lp = completion_logprobs(policy.module, PROMPTS, COMPLETIONS, gathered=policy.gathered)
+    policy.backward((lp * WEIGHTS[:, : lp.shape[1]]).sum())
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in policy.module.parameters() if p.grad is not None)
+    policy.step()
+
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    opt = policy.engine.optimizer
+    inner = getattr(opt, "optimizer", opt)  # DeepSpeed's ZeRO optimizer wraps ours
+    adam = nbytes(v for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+    master = nbytes(getattr(opt, "single_partition_of_fp32_groups", []))
+    return {"weights": nbytes(policy.module.parameters()), "module_gradients": grads, "adam": adam,
+            "fp32_master": master, "parameters": sum(p.numel() for p in policy.module.parameters())}
+
+
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    result = {"gradnorm": gradnorm, "trainmode": trainmode, "stepgrad": stepgrad, "accum": accum}[mode](*args)
+    result = {"gradnorm": gradnorm, "trainmode": trainmode, "stepgrad": stepgrad, "accum": accum,
+              "alloc": alloc}[mode](*args)
     print("RESULT", json.dumps(result), flush=True)

@@ -1,0 +1,205 @@
+"""Memory and disk, planned from the config and the model's config.json before anything loads
+(`examples/countdown.py --plan`, and the check `train` makes on a GPU before loading the model).
+
+Per GPU, in bytes, with P the model's parameters, T the trained ones (P, or LoRA's adapters), N the
+training ranks, b the bytes of the training dtype (2 for bf16/fp16, 4 for float32):
+
+    weights            P b (ZeRO-3: / N); Q-LoRA: the frozen base at 0.5625 bytes (4-bit + scales)
+    gradients          T b (ZeRO-2/3: / N)
+    fp32 gradients     16-bit: T 4, summed there over the micro-batches (ZeRO-1/2/3: / N at 2/3; and
+                       at ZeRO-0 DeepSpeed's bf16 optimizer keeps an fp32 copy too)
+    fp32 master        16-bit: T 4 (ZeRO-1/2/3: / N)
+    AdamW              T 8 (ZeRO-1/2/3: / N)
+    reference          beta > 0 without LoRA: P b (a whole copy on every GPU)
+    activations        one micro-batch of L = max_prompt_length + max_completion_length tokens each:
+                       with gradient checkpointing each layer keeps its input (L H b) plus one layer's
+                       working set; without, every layer keeps ~(10 H + 3 I) L b. An ESTIMATE.
+    LM-head chunk      3 x the chunk's float32 logits (~256 MB by default: logits, softmax, gradient)
+    vLLM (colocated)   vllm_gpu_memory_utilization (0.5 by default) of the GPU, or its weights plus
+                       vllm_kv_cache_gib. An ESTIMATE until a GPU run measures it.
+
+Weights, gradients, the fp32 terms and AdamW are checked against measured allocations of the tiny model
+and of SmolLM2-135M on CPU (tests/test_plan.py); activations and vLLM's share are estimates until a GPU
+run checks them (docs/gpu.md). A checkpoint holds the model (P b; LoRA: the adapter, T 4) and DeepSpeed's
+state (16-bit: T 12 for the fp32 master and AdamW; float32: T 8), `save_total_limit` of them on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from minigrpo.config import Config, load_deepspeed_config
+from minigrpo.models import BUILTIN_MODELS
+
+GiB = 2**30
+SHIPPED = Path(__file__).resolve().parent / "data" / "model_configs"  # config.json of the recipes' models
+CHUNK_LOGITS_BYTES = 256 * 2**20  # as minigrpo.scoring
+
+
+def model_config(cfg: Config) -> dict:
+    """The model's config.json, with no model hub: a local folder's, one shipped for the recipes' models
+    and the built-in one, or the Hugging Face cache's."""
+    path = Path(cfg.model).expanduser()
+    if (path / "config.json").is_file():
+        return json.loads((path / "config.json").read_text())
+    shipped = SHIPPED / f"{cfg.model.replace('/', '--')}.json"
+    if shipped.is_file():
+        return json.loads(shipped.read_text())
+    if cfg.model not in BUILTIN_MODELS:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(cfg.model, "config.json")
+        if isinstance(cached, str):
+            return json.loads(Path(cached).read_text())
+    raise FileNotFoundError(f"no config.json for {cfg.model!r}: pass a model folder, or download it once "
+                            f"(`hf download {cfg.model} config.json`) so the hub cache holds it")
+
+
+def count_parameters(config: dict, cfg: Config) -> tuple[int, int]:
+    """(all parameters, trained ones) of the model `config` describes, built on the meta device (no
+    memory), with the config's LoRA adapters if any."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from minigrpo import lora
+
+    hf = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf)
+        if cfg.lora_rank:
+            lora.add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trained
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    terms: dict[str, float]  # bytes per GPU, by what holds them
+    gpu_bytes: float
+    max_fraction: float
+    checkpoint_bytes: float  # one checkpoint on disk
+    kept_checkpoints: int
+    kv: str  # whether vLLM's KV cache holds a step's sequences
+    advice: list[str]  # what to change when it does not fit
+
+    @property
+    def total(self) -> float:
+        return sum(self.terms.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.max_fraction * self.gpu_bytes
+
+
+def plan_memory(cfg: Config, world_size: int, gpu_bytes: float, config: dict,
+                params: tuple[int, int] | None = None) -> Plan:
+    """The per-GPU plan of a run of `cfg` on `world_size` training ranks of `gpu_bytes` each."""
+    total, trained = params or count_parameters(config, cfg)
+    text = config.get("text_config", config)
+    H, I, layers, V = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"], text["vocab_size"]
+    heads, kv_heads = text["num_attention_heads"], text.get("num_key_value_heads", text["num_attention_heads"])
+    head_dim = text.get("head_dim") or H // heads
+    b = 4 if cfg.dtype == "float32" else 2
+    sixteen = b == 2
+    stage = int((load_deepspeed_config(cfg.deepspeed).get("zero_optimization") or {}).get("stage", 0))
+    n = world_size
+    layout = cfg.layout(world_size)
+    frozen = total - trained
+    t = {}
+    if cfg.lora_quantize:
+        t["weights"] = frozen * 0.5625 + trained * b
+    else:
+        t["weights"] = total * b / (n if stage == 3 else 1)
+    t["gradients"] = trained * b / (n if stage >= 2 else 1)
+    if sixteen:
+        t["fp32 gradients"] = trained * 4 / (n if stage >= 2 else 1)
+        t["fp32 master weights"] = trained * 4 / (n if stage >= 1 else 1)
+    t["AdamW states"] = trained * 8 / (n if stage >= 1 else 1)
+    if cfg.beta > 0 and not cfg.lora_rank:
+        t["reference model"] = total * b
+    tokens = layout.micro_batch * (cfg.max_prompt_length + cfg.max_completion_length)
+    one_layer = tokens * (10 * H + 3 * I) * b
+    t["activations (estimate)"] = layers * tokens * H * b + one_layer if cfg.gradient_checkpointing else layers * one_layer
+    chunk = cfg.logprob_chunk_tokens * V * 4 if cfg.logprob_chunk_tokens else CHUNK_LOGITS_BYTES
+    t["LM-head chunk"] = 3 * chunk
+    kv_per_token = 2 * layers * kv_heads * head_dim * b
+    if cfg.rollout == "vllm":
+        if cfg.vllm_kv_cache_gib is not None:
+            t["vLLM, colocated (estimate)"] = total * b + cfg.vllm_kv_cache_gib * GiB
+            kv_budget = cfg.vllm_kv_cache_gib * GiB
+        else:
+            fraction = cfg.vllm_gpu_memory_utilization or 0.5
+            t["vLLM, colocated (estimate)"] = fraction * gpu_bytes
+            kv_budget = fraction * gpu_bytes - total * b - GiB  # its weights and ~1 GiB of its own
+        seqs = layout.prompts_per_rank * cfg.num_generations
+    else:  # the server's own GPU: vllm_server_gpu_memory_utilization of it, all ranks' sequences at once
+        kv_budget = cfg.vllm_server_gpu_memory_utilization * gpu_bytes - total * b - GiB
+        seqs = cfg.prompts_per_step * cfg.num_generations
+    need = seqs * (cfg.max_prompt_length + cfg.max_completion_length) * kv_per_token
+    kv = (f"vLLM's KV cache: {max(kv_budget, 0) / GiB:.1f} GiB for {seqs} sequences of up to "
+          f"{cfg.max_prompt_length + cfg.max_completion_length} tokens ({need / GiB:.2f} GiB): "
+          + ("all at once" if kv_budget >= need else f"{max(int(kv_budget // (need / seqs)), 0)} at a time"))
+    if cfg.rollout == "torch":
+        kv = "rollout: torch (no vLLM)"
+    checkpoint = (trained * 4 if cfg.lora_rank else total * b) + trained * (12 if sixteen else 8)
+    advice = []
+    if stage < 3 and n > 1:
+        advice.append("deepspeed=recipes/deepspeed_zero3.json (shards weights, gradients and AdamW over the ranks)")
+    if not cfg.gradient_checkpointing:
+        advice.append("gradient_checkpointing=true")
+    if cfg.beta > 0 and not cfg.lora_rank:
+        advice.append("beta=0 (no reference model)")
+    if cfg.rollout == "vllm":
+        advice.append("a smaller vllm_gpu_memory_utilization, or rollout=vllm_server on a GPU of its own")
+    if not cfg.lora_rank:
+        advice.append("lora_rank=16 (trains adapters only)")
+    advice.append("more gradient_accumulation_steps (smaller micro-batches)")
+    return Plan(t, gpu_bytes, cfg.memory_max_fraction, checkpoint, cfg.save_total_limit, kv, advice)
+
+
+def format_plan(plan: Plan, cfg: Config, world_size: int) -> str:
+    lines = [f"memory per GPU: {cfg.model}, {world_size} training rank(s), {cfg.dtype}, "
+             f"ZeRO-{(load_deepspeed_config(cfg.deepspeed).get('zero_optimization') or {}).get('stage', 0)}"]
+    lines += [f"  {name:<28} {v / GiB:8.2f} GiB" for name, v in plan.terms.items()]
+    lines.append(f"  {'total':<28} {plan.total / GiB:8.2f} GiB of {plan.gpu_bytes / GiB:.1f} GiB "
+                 f"({plan.total / plan.gpu_bytes:.0%}; limit {plan.max_fraction:.0%}): "
+                 + ("fits" if plan.fits else "DOES NOT FIT"))
+    lines.append(f"  {plan.kv}")
+    lines.append(f"disk: {plan.checkpoint_bytes / GiB:.1f} GiB per checkpoint, up to {plan.kept_checkpoints} kept: "
+                 f"{plan.checkpoint_bytes * plan.kept_checkpoints / GiB:.1f} GiB")
+    if not plan.fits:
+        lines.append("to fit, try: " + "; ".join(plan.advice))
+    return "\n".join(lines)
+
+
+def check_before_loading(cfg: Config, config: dict, world_size: int, gpu_bytes: float | None) -> Plan:
+    """Refuse, before any model loads, a run whose kept checkpoints do not fit the free disk, or (given
+    the GPU's memory, and unless memory_check is off) whose planned memory does not fit the GPU."""
+    plan = plan_memory(cfg, world_size, gpu_bytes or 80 * GiB, config)
+    check_disk(plan, cfg.output_dir)
+    if gpu_bytes is not None and cfg.memory_check and not plan.fits:
+        raise MemoryError("the planned memory does not fit this GPU (memory_check=false, or --force, runs it "
+                          "anyway):\n" + format_plan(plan, cfg, world_size))
+    return plan
+
+
+def check_disk(plan: Plan, output_dir: str) -> None:
+    """Refuse a run whose kept checkpoints cannot fit the free disk of its output folder."""
+    folder = Path(output_dir).resolve()
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    need = plan.checkpoint_bytes * plan.kept_checkpoints
+    if need > free:
+        raise RuntimeError(f"{output_dir}: {plan.kept_checkpoints} checkpoints of {plan.checkpoint_bytes / GiB:.1f} GiB "
+                           f"need {need / GiB:.1f} GiB; {free / GiB:.1f} GiB are free (lower save_total_limit)")
+
+
+def parse_bytes(text: str) -> float:
+    """'80GB', '80GiB', '141g' or a number of bytes (GB and GiB both read as GiB: GPU memory is quoted so)."""
+    s = text.strip().lower().removesuffix("ib").removesuffix("b")
+    return float(s[:-1]) * GiB if s.endswith("g") else float(s)

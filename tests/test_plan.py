@@ -1,0 +1,104 @@
+"""The memory and disk plan (minigrpo/plan.py, `examples/countdown.py --plan`): parameter counts from
+config.json alone, the weights/gradients/optimizer terms against what DeepSpeed really holds on CPU,
+every shipped recipe planned, and a run that cannot fit refused with the numbers and what to change."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minigrpo import Config
+from minigrpo.plan import GiB, check_before_loading, count_parameters, model_config, parse_bytes, plan_memory
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_parameter_counts_from_config_json_alone():
+    # the model cards' totals: Qwen2.5-0.5B 0.49B, 1.5B 1.54B, 3B 3.09B; SmolLM2-135M 134.5M (ENVIRONMENT.md)
+    counts = {m: count_parameters(model_config(Config(model=m)), Config())[0]
+              for m in ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-3B-Instruct",
+                        "smollm2-135m-instruct")}
+    assert counts == {"Qwen/Qwen2.5-0.5B-Instruct": 494_032_768, "Qwen/Qwen2.5-1.5B-Instruct": 1_543_714_304,
+                      "Qwen/Qwen2.5-3B-Instruct": 3_085_938_688, "smollm2-135m-instruct": 134_515_008}
+
+
+def test_lora_counts_only_the_adapters_as_trained(tiny_model):
+    config = json.loads((tiny_model / "config.json").read_text())
+    total, trained = count_parameters(config, Config(lora_rank=4))
+    # 2 layers x (q, k, v, o: 4 x (128 + 128) + gate, up: 2 x (128 + 256) + down: (256 + 128)) x rank 4
+    assert trained == 2 * (4 * 256 + 2 * 384 + 384) * 4 == 17_408
+    assert total == 332_288 + trained
+
+
+@pytest.mark.slow
+def test_the_count_is_the_loaded_models(model_path, tiny_model):
+    from minigrpo.models import load_causal_lm
+
+    for folder in (tiny_model, model_path):
+        config = json.loads((Path(folder) / "config.json").read_text())
+        loaded = sum(p.numel() for p in load_causal_lm(folder).parameters())
+        assert count_parameters(config, Config())[0] == loaded
+
+
+def _measured(model, stage, dtype):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "engine_checks.py"), "alloc", str(model), stage, dtype],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))[7:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, dtype", [("0", "float32"), ("2", "bfloat16")])
+def test_weights_gradients_and_optimizer_terms_are_what_deepspeed_holds(tiny_model, stage, dtype):
+    """One rank, after one optimizer step, bytes measured from the tensors themselves (engine_checks.alloc)."""
+    m = _measured(tiny_model, stage, dtype)
+    cfg = Config(dtype=dtype, deepspeed=None if stage == "0" else str(ROOT / "recipes" / "deepspeed_zero2.json"),
+                 rollout="torch", prompts_per_step=1, num_generations=2, gradient_accumulation_steps=1)
+    t = plan_memory(cfg, 1, 80 * GiB, json.loads((tiny_model / "config.json").read_text())).terms
+    assert t["weights"] == m["weights"] and t["AdamW states"] == m["adam"]
+    if stage == "0":  # fp32 at ZeRO-0: the module's own gradients, no master copy
+        assert t["gradients"] == m["module_gradients"] and "fp32 master weights" not in t and m["fp32_master"] == 0
+    else:  # bf16 at ZeRO-2: DeepSpeed's fp32 partition is the master copy; gradients live in its buffers
+        assert t["fp32 master weights"] == m["fp32_master"]
+
+
+def _plan(*args):
+    return subprocess.run([sys.executable, str(ROOT / "examples" / "countdown.py"), "--plan", *args],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+@pytest.mark.parametrize("recipe, ranks", [("countdown_cpu.yaml", 1), ("countdown_cpu_learn.yaml", 1),
+                                           ("countdown_cpu_solve.yaml", 1), ("qwen2.5-1gpu-countdown.yaml", 1),
+                                           ("qwen2.5-3b-countdown.yaml", 4)])
+def test_every_shipped_recipe_plans_and_fits_its_gpus(recipe, ranks):
+    proc = _plan("--config", f"recipes/{recipe}", "--gpu-memory", "80GB", "--world-size", str(ranks))
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert "fits" in proc.stdout and "AdamW states" in proc.stdout and "per checkpoint" in proc.stdout
+
+
+def test_a_run_that_cannot_fit_is_refused_with_the_numbers_and_what_to_change(tmp_path):
+    # the 1-GPU recipe with the 3B model: ~86 GiB planned on an 80 GiB GPU (issue 24)
+    proc = _plan("--config", "recipes/qwen2.5-1gpu-countdown.yaml", "model=Qwen/Qwen2.5-3B-Instruct", "--gpu-memory", "80GB")
+    assert proc.returncode == 2 and "DOES NOT FIT" in proc.stdout and "to fit, try: beta=0" in proc.stdout, proc.stdout
+    cfg = Config.load(str(ROOT / "recipes" / "qwen2.5-1gpu-countdown.yaml"),
+                      ["model=Qwen/Qwen2.5-3B-Instruct", f"output_dir={tmp_path}", "save_total_limit=1"])
+    config = model_config(cfg)
+    with pytest.raises(MemoryError, match=r"(?s)does not fit this GPU.*fp32 master weights.*86.40 GiB of 80.0 GiB.*to fit, try"):
+        check_before_loading(cfg, config, 1, 80 * GiB)  # what train() does on a GPU, before loading
+    forced = Config.load(str(ROOT / "recipes" / "qwen2.5-1gpu-countdown.yaml"),
+                         ["model=Qwen/Qwen2.5-3B-Instruct", f"output_dir={tmp_path}", "save_total_limit=1",
+                          "memory_check=false"])
+    assert not check_before_loading(forced, config, 1, 80 * GiB).fits  # --force: planned, not refused
+    assert check_before_loading(cfg, config, 1, None)  # no GPU (this machine): memory is not judged
+    # the disk: 40 GiB per 3B checkpoint, a thousand kept do not fit any disk here
+    many = Config.load(str(ROOT / "recipes" / "qwen2.5-3b-countdown.yaml"), [f"output_dir={tmp_path}", "save_total_limit=1000"])
+    with pytest.raises(RuntimeError, match="1000 checkpoints of 40.2 GiB"):
+        check_before_loading(many, config, 4, None)
+
+
+def test_gpu_memory_is_read_as_gib():
+    assert parse_bytes("80GB") == parse_bytes("80GiB") == parse_bytes("80g") == 80 * GiB and parse_bytes("1024") == 1024
