@@ -52,6 +52,7 @@ class Run:
     info: DistInfo
     layout: Layout
     out: Path
+    model_path: Path  # the model's local folder (config.json, weights, tokenizer)
     rewards: list[Reward]
     tokenizer: object
     train_set: PromptSet
@@ -142,7 +143,7 @@ def start_run(cfg: Config, rewards: list[Reward], train_dataset, eval_dataset, t
     probe_atol = probe_tolerance(rollout, policy, probe_ids, cfg.sync_check_atol, info.rank == 0)  # same weights now
     sampling = Sampling(n=cfg.num_generations, max_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                         top_p=cfg.top_p, top_k=cfg.top_k, stop=tuple(cfg.stop))
-    run = Run(cfg, info, layout, out, rewards, tokenizer, train_set, eval_set, policy, reference, adapter, rollout,
+    run = Run(cfg, info, layout, out, model_path, rewards, tokenizer, train_set, eval_set, policy, reference, adapter, rollout,
               sampling, probe_ids, probe_atol)
     return run, state
 

@@ -15,13 +15,18 @@ and the loop's own bookkeeping below: samples, held-out evaluation, log, checkpo
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
+
+import torch
 
 from minigrpo import checkpoint as ckpt
 from minigrpo.config import Config
 from minigrpo.evaluation import evaluate
 from minigrpo.phases import (StepBatch, collect_rollouts, compute_advantages, frozen_logprobs, push_weights,
                              step_metrics, update_policy)
+from minigrpo.plan import GiB, format_plan, plan_memory
 from minigrpo.runlog import Progress, RunLog, before_after, eval_line, spike_line, spikes
 from minigrpo.runtime import PhaseTimer, StopOnSignal
 from minigrpo.startup import LoopState, Run, TrainerState, check_inputs, run_identity, start_run, trainer_state
@@ -50,11 +55,12 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
     # ---------------------------------------------------------------- the steps
     for step in range(state.step + 1, cfg.max_steps + 1):
         timer = PhaseTimer()
-        rollouts = collect_rollouts(run, step, state.data_position, timer)
-        batch = compute_advantages(run, rollouts)
-        batch = frozen_logprobs(run, batch, timer)
-        update = update_policy(run, batch, timer)
-        push_weights(run, update, timer)
+        with _out_of_memory_report(run, log, step):
+            rollouts = collect_rollouts(run, step, state.data_position, timer)
+            batch = compute_advantages(run, rollouts)
+            batch = frozen_logprobs(run, batch, timer)
+            update = update_policy(run, batch, timer)
+            push_weights(run, update, timer)
         state = LoopState(step, rollouts.data_position, 0 if update.applied else state.nonfinite_in_a_row + 1)
         metrics = step_metrics(run, step, batch, update, timer)
 
@@ -98,6 +104,30 @@ def _write_samples(run: Run, log: RunLog, step: int, batch: StepBatch) -> None:
     solved = [v == 1.0 for v in r.scores.per_reward[run.cfg.success_reward]] if tracked else [False] * len(r.batch)
     log.samples(step, [t for t in r.prompt_texts for _ in range(G)], r.batch.texts, r.scores.total.tolist(), solved,
                 run.cfg.num_completion_samples)
+
+
+@contextlib.contextmanager
+def _out_of_memory_report(run: Run, log: RunLog, step: int):
+    """A GPU out-of-memory error inside a step becomes one report: the memory plan of this run
+    (minigrpo/plan.py) beside the peak measured, what to change, and where to resume. What can be saved
+    is: the metrics and TensorBoard files are flushed; no checkpoint is written, since the step may have
+    changed some weights and not others (the last complete checkpoint is the one to resume from)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        cfg = run.cfg
+        on_gpu = torch.cuda.is_available()
+        gpu = torch.cuda.get_device_properties(run.info.local_rank).total_memory if on_gpu else 80 * GiB
+        measured = (f"peak allocated {torch.cuda.max_memory_allocated() / GiB:.1f} GiB of {gpu / GiB:.1f} GiB"
+                    if on_gpu else "no GPU here: planned for 80 GiB")
+        plan = plan_memory(cfg, run.info.world_size, gpu, json.loads((run.model_path / "config.json").read_text()))
+        log.close()
+        last = ckpt.latest_checkpoint(run.out)
+        raise MemoryError(
+            f"out of GPU memory in step {step} ({str(e).splitlines()[0]}); {measured}. "
+            f"The plan for this run:\n{format_plan(plan, cfg, run.info.world_size)}\n"
+            f"to use less, try: {'; '.join(plan.advice)}. Resume from {last or 'step 0 (no checkpoint yet)'} "
+            "with --resume after changing settings that do not alter the data order or schedule.") from e
 
 
 def _flag_spikes(log: RunLog, progress: Progress, step: int, metrics: dict) -> dict[str, float]:

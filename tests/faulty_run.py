@@ -6,6 +6,7 @@
 --rewards=A,B      train on these rewards (default says_a): the functions below or tiny_task's
 --nan-at=K,...     multiply the loss by NaN at these steps (every micro-batch of the step)
 --scale-loss-at=K:F  multiply the loss by F at step K (a finite spike of the loss and grad norm)
+--oom-at=K         the loss of step K raises torch.OutOfMemoryError, as CUDA's allocator would
 --hang-at=K        the reward `hangs_at_step` sleeps for 1e6 s from step K on (0.0 before)
 --break-push-at=K  from step K on the vLLM weight push is broken, as --push-fault says:
 --push-fault=KIND  nothing (default: `_load_chunk` loads nothing), skip (one tensor is left out),
@@ -37,6 +38,7 @@ from tiny_task import TINY_DEFAULTS, tiny_dataset
 
 STEP = 0  # the step being run; forked reward processes inherit it
 HANG_AT = 10**9
+OOM_AT = -1
 
 
 def constant(completions, **_):
@@ -144,6 +146,10 @@ def _inject(nan_at: set[int], break_push_at: int | None, push_fault: str, diverg
         loss, metrics = loss_fn(*a, **k)
         if STEP == scale_at[0]:
             loss = loss * scale_at[1]
+        if STEP == OOM_AT:
+            import torch
+
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by faulty_run)")
         return (loss * float("nan") if STEP in nan_at else loss), metrics
 
     def score_completions(*a, **k):
@@ -167,12 +173,13 @@ def _inject(nan_at: set[int], break_push_at: int | None, push_fault: str, diverg
 
 
 def main(argv: list[str]) -> None:
-    global HANG_AT
+    global HANG_AT, OOM_AT
     from minigrpo import Config, train
 
     flags = dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--"))
     model_dir, out_dir, *overrides = [a for a in argv if not a.startswith("--")]
     HANG_AT = int(flags.get("hang-at", HANG_AT))
+    OOM_AT = int(flags.get("oom-at", OOM_AT))
     nan_at = {int(k) for k in flags["nan-at"].split(",")} if flags.get("nan-at") else set()
     break_at = int(flags["break-push-at"]) if "break-push-at" in flags else None
     diverge_at = int(flags["diverge-at"]) if "diverge-at" in flags else None

@@ -303,6 +303,22 @@ def test_a_finite_divergence_is_flagged_with_its_step(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
+def test_out_of_memory_in_a_step_is_reported_with_the_plan_and_the_resume_point(tiny_model, tmp_path):
+    """Issue 24: CUDA's allocator raising inside step 3 (injected: no GPU here) ends the run with one
+    report: the plan's numbers, what to change, and the last complete checkpoint (step 2), the
+    metrics of steps 1-2 kept; no checkpoint of the half-done step."""
+    out = tmp_path / "run"
+    proc = launch("faulty_run.py", tiny_model, out, "--oom-at=3", "rollout=torch", "max_steps=4", "save_steps=2")
+    assert proc.returncode != 0
+    [error] = [" ".join(e[1:]) for e in events(proc.stdout, "error")]  # its first line, after the time
+    assert error.startswith("MemoryError: out of GPU memory in step 3 (CUDA out of memory. Tried to allocate 2.00 GiB"), error
+    report = proc.stdout[proc.stdout.index("[faulty] error"):]
+    for part in ("AdamW states", "total", "to use less, try:", f"Resume from {out / 'checkpoints' / 'step-000002'}"):
+        assert part in report, (part, report)
+    assert [r["step"] for r in rows(out)] == [1, 2] and ckpt.latest_checkpoint(out).name == "step-000002"
+
+
+@pytest.mark.slow
 def test_replicas_one_ulp_apart_stop_the_run_naming_the_divergence(tiny_model, tmp_path):
     """The replica check (runtime.check_replicas) is what proves 2-rank runs keep identical weights;
     here it is made to fire (issue 24): after step 2's update rank 1 moves one weight element by one
