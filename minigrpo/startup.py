@@ -190,6 +190,7 @@ def _make_rollout(cfg: Config, model_path: Path, policy: PolicyEngine, tokenizer
         server_host=cfg.vllm_server_host, server_port=cfg.vllm_server_port, server_timeout=cfg.vllm_server_timeout,
         server_devices=cfg.vllm_server_devices,  # the server_* options: rollout=vllm_server only
         tensor_parallel_size=cfg.vllm_server_tensor_parallel_size, log_level=cfg.log_level,
+        **({"sleep_mode": True} if cfg.vllm_sleep else {}),  # colocated vLLM only (config-checked)
         **engine_memory(cfg, torch.cuda.is_available()),
     )
 

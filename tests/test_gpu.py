@@ -265,8 +265,12 @@ def test_chunked_logprobs_memory_at_qwen_vocabulary_on_the_gpu():
 
 
 @needs_vllm
-def test_colocated_vllm_step_in_bf16(tiny_model, tmp_path):
-    rows = train(tiny_model, tmp_path / "run", "rollout=vllm", "dtype=bfloat16", "max_steps=2", "beta=0.04")
+@pytest.mark.parametrize("sleep", ["false", "true"])
+def test_colocated_vllm_step_in_bf16(tiny_model, tmp_path, sleep):
+    """With vllm_sleep the engine sleeps (level 1) after generating and wakes before the push: the pushed
+    weights must still land and pass the exact check, and the next step must generate (never run yet)."""
+    rows = train(tiny_model, tmp_path / "run", "rollout=vllm", "dtype=bfloat16", "max_steps=2", "beta=0.04",
+                 f"vllm_sleep={sleep}")
     assert all(r["logprob_gap"] < 0.05 and r["time/push_checksum"] > 0 for r in rows)
 
 

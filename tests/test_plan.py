@@ -102,3 +102,15 @@ def test_a_run_that_cannot_fit_is_refused_with_the_numbers_and_what_to_change(tm
 
 def test_gpu_memory_is_read_as_gib():
     assert parse_bytes("80GB") == parse_bytes("80GiB") == parse_bytes("80g") == 80 * GiB and parse_bytes("1024") == 1024
+
+
+def test_a_sleeping_vllm_and_the_training_working_set_count_once():
+    cfg = Config.load(str(ROOT / "recipes" / "qwen2.5-1gpu-countdown.yaml"))
+    config = model_config(cfg)
+    awake = plan_memory(cfg, 1, 80 * GiB, config)
+    asleep = plan_memory(Config.load(str(ROOT / "recipes" / "qwen2.5-1gpu-countdown.yaml"), ["vllm_sleep=true"]), 1,
+                         80 * GiB, config)
+    t = awake.terms
+    assert asleep.total == pytest.approx(awake.total - min(t["vLLM, colocated (estimate)"],
+                                                           t["activations (estimate)"] + t["LM-head chunk"]))
+    assert asleep.overlap > 0 == awake.overlap

