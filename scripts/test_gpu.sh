@@ -17,7 +17,9 @@ fi
 export PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
 report=$(mktemp -d)/gpu.xml
 set +e
-timeout "${GPU_TEST_TIMEOUT:-480}" "$python" -m pytest tests/test_gpu.py -m gpu -v -rs -p no:cacheprovider \
+# SIGINT at the limit, not SIGKILL: pytest stops as after Ctrl-C and still writes the report of the
+# tests that ran, so a run cut by the limit still prints its table (KILL 30 s later if it hangs).
+timeout -s INT -k 30 "${GPU_TEST_TIMEOUT:-480}" "$python" -m pytest tests/test_gpu.py -m gpu -v -rs -p no:cacheprovider \
     --junitxml="$report" "$@"
 rc=$?
 set -e
