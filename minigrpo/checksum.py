@@ -1,4 +1,4 @@
-"""Exact, order-independent fingerprints of tensors' bits, for the weight-push check and the replica check.
+"""Exact fingerprints of tensors' bits, for the weight-push check and the replica check.
 
 A float sum can absorb a one-ulp change (and depends on summation order, which differs between a
 fused qkv weight and its three parts); an integer sum of the bits cannot and does not. Each tensor
@@ -6,6 +6,14 @@ is viewed as signed integers of 32 bits (16 or 8 for 2- and 1-byte dtypes) and s
 int64 (no overflow for any tensor under 2**32 words). Integer addition is associative, so the sum
 of a fused tensor equals the sum of its parts' sums, in any layout (transposed, packed, split into
 shards), and zero padding adds nothing. Any single changed element changes the sum.
+
+An order-free sum cannot see where an element went: a transposed load, two same-shaped tensors
+swapped (q and k) or gate and up swapped inside a fused gate_up_proj all keep it. `row_weighted_sum`
+adds position: sum over rows r (dim 0) of (r + 1) x the bits sum of row r. It still composes across
+fusion along dim 0 (vLLM's qkv_proj, gate_up_proj): the fused tensor's value is, in the fused order,
+each part's own value plus (rows before it) x its bits sum (`fused_row_weighted_sum`); zero padding
+rows at the end add nothing. Within a row it is order-free, so it does not see two elements of one
+row swapped.
 """
 
 from __future__ import annotations
@@ -31,3 +39,36 @@ def bits_sum(t: torch.Tensor) -> int:
         return 0
     partial = torch.stack([c.sum(dtype=torch.int64) for c in words.split(_CHUNK)])  # [chunks]
     return int(partial.sum().item())
+
+
+def row_weighted_sum(t: torch.Tensor) -> int:
+    """Sum over rows r of dim 0 of (r + 1) x the bits sum of row r (a 0-d or 1-d tensor: each element
+    a row); a Python int, exact."""
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    word = _WORD.get(t.element_size(), torch.int32)
+    rows = t.shape[0] if t.dim() > 0 else 1
+    if t.numel() == 0:
+        return 0
+    per_row = t.reshape(rows, -1).view(word).sum(dim=1, dtype=torch.int64)  # [rows] exact: < 2**31 x 2**32 words
+    total = 0
+    for start in range(0, rows, 4096):  # (r + 1) x row sum can pass 2**63: exact Python ints per chunk
+        block = per_row[start:start + 4096].tolist()
+        total += sum((start + i + 1) * s for i, s in enumerate(block))
+    return total
+
+
+def fingerprint(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """(bits sum, elements, row-weighted sum, rows) of a pushed tensor: what the engine must hold."""
+    return bits_sum(t), t.numel(), row_weighted_sum(t), (t.shape[0] if t.dim() > 0 else 1)
+
+
+def fused_row_weighted_sum(parts: list[tuple[int, int, int, int]]) -> int:
+    """The row-weighted sum of the concatenation along dim 0 of tensors with these fingerprints, in order."""
+    total, rows_before = 0, 0
+    for bits, _, weighted, rows in parts:
+        total += weighted + rows_before * bits
+        rows_before += rows
+    return total
+

@@ -12,7 +12,8 @@
 --hang-at=K        the reward `hangs_at_step` sleeps for 1e6 s from step K on (0.0 before)
 --break-push-at=K  from step K on the vLLM weight push is broken, as --push-fault says:
 --push-fault=KIND  nothing (default: `_load_chunk` loads nothing), skip (one tensor is left out),
-                   ulp (one element of one tensor is loaded one ulp off)
+                   ulp (one element of one tensor is loaded one ulp off), swap (a layer's q and k trade
+                   places), transpose (a layer's q is loaded transposed)
 --break-push-rank=R  break the push on rank R only (default: every rank)
 --diverge-at=K     after step K's update, rank 1 moves one element of one weight by one ulp (its
                    replica diverges from rank 0's; run with 2 ranks)
@@ -97,7 +98,16 @@ def _broken_loader(kind: str):
 
         return load(worker, [(n, off(t) if n == target else t) for n, t in chunk])
 
-    return {"nothing": lambda worker, chunk: None, "skip": skip, "ulp": ulp}[kind]
+    def swap(worker, chunk):  # the layer's q and k (same shape in the tiny model) trade places
+        other = {target: target.replace("k_proj", "q_proj"), target.replace("k_proj", "q_proj"): target}
+        tensors = dict(chunk)
+        return load(worker, [(n, tensors[other[n]] if n in other else t) for n, t in chunk])
+
+    def transpose(worker, chunk):  # the layer's (square) q weight loaded transposed
+        q = target.replace("k_proj", "q_proj")
+        return load(worker, [(n, t.t().contiguous() if n == q else t) for n, t in chunk])
+
+    return {"nothing": lambda worker, chunk: None, "skip": skip, "ulp": ulp, "swap": swap, "transpose": transpose}[kind]
 
 
 def _nudge_one_ulp(policy) -> None:

@@ -598,11 +598,12 @@ def test_a_single_generation_per_prompt_is_refused_with_the_reason():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", ["nothing", "skip", "ulp"])
+@pytest.mark.parametrize("fault", ["nothing", "skip", "ulp", "swap", "transpose"])
 def test_a_weight_push_that_does_not_take_stops_the_run(tiny_model, tmp_path, fault):
     pytest.importorskip("vllm")
-    # from step 2 on the vLLM engine's weight loader loads nothing, leaves one tensor out, or loads
-    # one element one ulp off: the exact check of the push must stop the run before step 2 is logged
+    # from step 2 on the vLLM engine's weight loader loads nothing, leaves one tensor out, loads one
+    # element one ulp off, swaps a layer's q and k, or loads its q transposed (the last two keep every
+    # bits sum: the row-weighted check sees them): the exact check must stop the run before step 2 is logged
     out = tmp_path / "run"
     proc = launch("faulty_run.py", tiny_model, out, "--break-push-at=2", f"--push-fault={fault}", "rollout=vllm",
                   "max_steps=4")
@@ -611,6 +612,8 @@ def test_a_weight_push_that_does_not_take_stops_the_run(tiny_model, tmp_path, fa
     assert error[1] == "WeightSyncError:", proc.stdout[-2000:]
     if fault != "nothing":
         assert "model.layers.1.self_attn.qkv_proj.weight" in " ".join(error), error
+    if fault in ("swap", "transpose"):
+        assert "in other places" in " ".join(error), error
     assert [r["step"] for r in rows(out)] == [1]  # step 2 was neither logged nor saved, step 3 never ran
     assert not ckpt.latest_checkpoint(out)
 

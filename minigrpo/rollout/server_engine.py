@@ -8,8 +8,8 @@ Two channels join the trainer and the server (minigrpo/rollout/server.py):
   `init_process_group`, because the trainer's default group (its ranks) already exists.
 
 A push, rank 0 only: ("push_begin", probe), then per chunk ("chunk", specs) followed by a
-`broadcast` of the chunk packed into one uint8 buffer, then ("push_end", sums): the `bits_sum` of
-every tensor as the trainer holds it. The server loads the tensors with VLLMEngine's in-place
+`broadcast` of the chunk packed into one uint8 buffer, then ("push_end", sums): the
+`checksum.fingerprint` of every tensor as the trainer holds it. The server loads the tensors with VLLMEngine's in-place
 reload, which checks every engine weight exactly against the tensors it received; the server then
 checks those against the trainer's sums (so the transport is covered too) and the probe, and answers. Other ranks iterate
 `named_tensors` (a ZeRO-3 gather is collective) and then wait for rank 0's outcome, so no rank
@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from minigrpo import collectives
-from minigrpo.checksum import bits_sum
+from minigrpo.checksum import fingerprint
 from minigrpo.rollout.base import Probe, RolloutBatch, Sampling, WeightSyncError
 
 AUTHKEY_ENV = "MINIGRPO_ROLLOUT_AUTHKEY"  # a secret string; the server and every trainer rank must share it
@@ -216,7 +216,7 @@ class VLLMServerEngine:
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"push_weights got {type(tensor).__name__} for {name!r}, expected a tensor")
             t = time.perf_counter()
-            sent[name] = (bits_sum(tensor), tensor.numel())  # the server checks what arrived and loaded against it
+            sent[name] = fingerprint(tensor)  # the server checks what arrived and loaded against it
             hashing += time.perf_counter() - t
             nbytes = tensor.numel() * tensor.element_size()
             if chunk and size + nbytes > self.chunk_bytes:

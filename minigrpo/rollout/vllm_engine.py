@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 import torch
 import transformers
 
-from minigrpo.checksum import bits_sum
+from minigrpo.checksum import bits_sum, fingerprint, fused_row_weighted_sum, row_weighted_sum
 from minigrpo.rollout.base import Probe, RolloutBatch, Sampling, WeightSyncError
 
 try:
@@ -43,6 +43,9 @@ from vllm.inputs import TokensPrompt
 DEFAULT_CPU_KV_CACHE_GIB = 2.0  # ~45k tokens of KV cache for SmolLM2-135M (30 layers x 3 KV heads x 64)
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.5  # colocated: the trainer needs the rest of the GPU
 DEFAULT_PUSH_CHUNK_BYTES = 256 * 2**20
+# vLLM 0.32 stacks a fused parameter's parts along dim 0 in this order (QKVParallelLinear: q, k, v;
+# MergedColumnParallelLinear: shard 0, 1, ...): the order the row-weighted check concatenates them in
+_FUSED_ORDER = {"q": 0, "k": 1, "v": 2}
 
 
 class VLLMEngine:
@@ -238,7 +241,7 @@ class VLLMEngine:
         then verify them: exactly (`verify_weights`: every engine parameter against the bits of the
         tensors sent), and with `probe` (log-probabilities within its tolerance, which catches a
         derived copy of a weight that a parameter check cannot see). A mismatch raises
-        `WeightSyncError`. Returns {name: (bits_sum, numel)} of the tensors received (the rollout
+        `WeightSyncError`. Returns {name: `checksum.fingerprint`} of the tensors received (the rollout
         server compares them with the trainer's, which checks the transport too).
 
         The tensors are passed by reference (no copy of the model is made); a chunk only groups
@@ -253,7 +256,7 @@ class VLLMEngine:
             nonlocal hashing
             for name, tensor in items:
                 t = time.perf_counter()
-                sent[name] = (bits_sum(tensor), tensor.numel())  # as the trainer holds it, before any copy
+                sent[name] = fingerprint(tensor)  # as the trainer holds it, before any copy
                 hashing += time.perf_counter() - t
                 yield name, tensor
 
@@ -278,13 +281,15 @@ class VLLMEngine:
     def verify_weights(self, sent: dict[str, tuple[int, int]]) -> None:
         """Compare every weight the engine computes with, exactly, with the tensors pushed into it.
 
-        `sent`: Hugging Face name -> (`bits_sum`, numel) of the tensor the trainer pushed. Each
+        `sent`: Hugging Face name -> `checksum.fingerprint` of the tensor the trainer pushed. Each
         engine worker sums the bits of its parameters (and of the packed copies a CPU engine
         computes with, see `_record_cpu_packing`). vLLM's fused parameters (qkv_proj = q, k, v;
         gate_up_proj = gate, up) sum to the sum of their parts; vocabulary padding is zeros, which
-        add nothing. Under tensor parallelism a parameter every worker holds whole (the numel that
-        was sent) must match on every worker; the shards of a split one add up over workers to the
-        whole, with a KV head that R workers share counted R times. A parameter that got no
+        add nothing. A parameter a worker holds whole (the numel that was sent) must also have the
+        row-weighted sum of its parts concatenated in vLLM's fused order, which a transposed load or
+        swapped parts (q and k, gate and up) change. Under tensor parallelism the shards of a split
+        parameter add up over workers to the whole, with a KV head that R workers share counted R
+        times (bits sums only: a shard's row positions are its own). A parameter that got no
         tensor, a tensor that reached no parameter, or any differing sum is a `WeightSyncError`."""
         workers = self.llm.collective_rpc(_parameter_sums, args=(sorted(sent),))  # one per worker
         targets = workers[0]["targets"]  # HF name -> (engine parameter, shard id); same on every worker
@@ -296,16 +301,22 @@ class VLLMEngine:
         for hf_name, (name, shard) in targets.items():
             parts.setdefault(name, []).append((hf_name, shard))
         problems = []
-        for entry, (_, _, _, param) in sorted(workers[0]["sums"].items()):
+        for entry, (_, _, _, param, _) in sorted(workers[0]["sums"].items()):
             if param not in parts:
                 problems.append(f"{entry} received nothing")
                 continue
-            got = [w["sums"][entry] for w in workers]  # per worker: (bits sum, numel, KV replicas, param)
-            whole = sum(sent[h][0] for h, _ in parts[param])
-            if all(numel == sum(sent[h][1] for h, _ in parts[param]) for _, numel, _, _ in got):
-                bad = [bits for bits, *_ in got if bits != whole]  # every worker holds it whole
+            got = [w["sums"][entry] for w in workers]  # per worker: (bits sum, numel, KV replicas, param, row-weighted)
+            ordered = sorted(parts[param], key=lambda part: _FUSED_ORDER.get(part[1], part[1] or 0))
+            whole = sum(sent[h][0] for h, _ in ordered)
+            if all(numel == sum(sent[h][1] for h, _ in ordered) for _, numel, *_ in got):  # every worker holds it whole
+                weighted = fused_row_weighted_sum([sent[h] for h, _ in ordered])
+                bad = [bits for bits, *_ in got if bits != whole]
+                moved = [w for *_, w in got if w != weighted]
                 if bad:
                     problems.append(f"{entry}: engine {bad[0]} != pushed {whole}")
+                elif moved:
+                    problems.append(f"{entry}: the pushed elements are in other places (row-weighted sum {moved[0]} "
+                                    f"!= {weighted}: transposed, or fused parts swapped)")
                 continue
             replicas = got[0][2]
             expected = sum(sent[h][0] * (replicas if shard in ("k", "v") else 1) for h, shard in parts[param])
@@ -412,13 +423,15 @@ def _parameter_sums(worker, hf_names: list[str]) -> dict:
         packed = getattr(owner, "_minigrpo_packed", None)
         # CPU: a linear layer computes with a packed copy and its `weight` is left empty; what was
         # packed is what it computes with.
-        bits, numel = packed if p.numel() == 0 and packed is not None else (bits_sum(p), p.numel())
-        sums[name] = (bits, numel, replicas, name)
+        bits, numel, weighted = packed if p.numel() == 0 and packed is not None else (
+            bits_sum(p), p.numel(), row_weighted_sum(p))
+        sums[name] = (bits, numel, replicas, name, weighted)
     for module_name, module in modules.items():  # packed copies of weights that are kept too
         packed, weight = getattr(module, "_minigrpo_packed", None), getattr(module, "weight", None)
         if packed is not None and isinstance(weight, torch.Tensor) and weight.numel() > 0 and id(weight) in name_of:
             owner = name_of[id(weight)]  # a tied LM head packs the embedding's weight
-            sums[f"{module_name} (packed copy of {owner})"] = (*packed, 1, owner)
+            bits, numel, weighted = packed
+            sums[f"{module_name} (packed copy of {owner})"] = (bits, numel, 1, owner, weighted)
     return {"targets": targets, "sums": sums}
 
 
@@ -440,7 +453,7 @@ def _record_cpu_packing() -> None:
     def dispatch(layer, remove_weight):
         weight = layer.weight
         if not weight.is_meta and weight.ndim == 2:
-            layer._minigrpo_packed = (bits_sum(weight), weight.numel())
+            layer._minigrpo_packed = (bits_sum(weight), weight.numel(), row_weighted_sum(weight))
         return original(layer, remove_weight)
 
     dispatch.minigrpo_records_packing = True
