@@ -129,30 +129,43 @@ def plan_memory(cfg: Config, world_size: int, gpu_bytes: float, config: dict,
     chunk = cfg.logprob_chunk_tokens * V * 4 if cfg.logprob_chunk_tokens else CHUNK_LOGITS_BYTES
     t["LM-head chunk"] = 3 * chunk
     kv_per_token = 2 * layers * kv_heads * head_dim * b
-    if cfg.rollout == "vllm":
-        if cfg.vllm_kv_cache_gib is not None:
-            t["vLLM, colocated (estimate)"] = total * b + cfg.vllm_kv_cache_gib * GiB
-            kv_budget = cfg.vllm_kv_cache_gib * GiB
-        else:
-            fraction = cfg.vllm_gpu_memory_utilization or 0.5
-            t["vLLM, colocated (estimate)"] = fraction * gpu_bytes
-            kv_budget = fraction * gpu_bytes - total * b - GiB  # its weights and ~1 GiB of its own
-        seqs = layout.prompts_per_rank * cfg.num_generations
-    else:  # the server's own GPU: vllm_server_gpu_memory_utilization of it, all ranks' sequences at once
-        kv_budget = cfg.vllm_server_gpu_memory_utilization * gpu_bytes - total * b - GiB
-        seqs = cfg.prompts_per_step * cfg.num_generations
-    need = seqs * (cfg.max_prompt_length + cfg.max_completion_length) * kv_per_token
-    kv = (f"vLLM's KV cache: {max(kv_budget, 0) / GiB:.1f} GiB for {seqs} sequences of up to "
-          f"{cfg.max_prompt_length + cfg.max_completion_length} tokens ({need / GiB:.2f} GiB): "
-          + ("all at once" if kv_budget >= need else f"{max(int(kv_budget // (need / seqs)), 0)} at a time"))
-    if cfg.rollout == "torch":
-        kv = "rollout: torch (no vLLM)"
+    vllm, kv = _vllm(cfg, layout, gpu_bytes, total * b, kv_per_token)
+    if vllm:
+        t["vLLM, colocated (estimate)"] = vllm
     overlap = 0.0
     if cfg.vllm_sleep:  # vLLM's share is freed while the activations and the LM-head chunk exist
-        overlap = min(t["vLLM, colocated (estimate)"], t["activations (estimate)"] + t["LM-head chunk"])
+        overlap = min(vllm, t["activations (estimate)"] + t["LM-head chunk"])
     checkpoint = (trained * 4 if cfg.lora_rank else total * b) + trained * (12 if sixteen else 8)
+    advice = _advice(cfg, stage, n)
+    return Plan(t, gpu_bytes, cfg.memory_max_fraction, checkpoint, cfg.save_total_limit, kv, advice, overlap)
+
+
+def _vllm(cfg: Config, layout, gpu_bytes: float, weight_bytes: float, kv_per_token: int) -> tuple[float, str]:
+    """(bytes colocated vLLM takes on a training GPU, 0 for the server or rollout=torch; whether its KV
+    cache holds the sequences of one generate call: a rank's, or every rank's on the server)."""
+    if cfg.rollout == "torch":
+        return 0.0, "rollout: torch (no vLLM)"
+    taken = 0.0
+    if cfg.rollout == "vllm" and cfg.vllm_kv_cache_gib is not None:
+        taken = weight_bytes + cfg.vllm_kv_cache_gib * GiB
+        budget = cfg.vllm_kv_cache_gib * GiB
+    elif cfg.rollout == "vllm":
+        taken = (cfg.vllm_gpu_memory_utilization or 0.5) * gpu_bytes
+        budget = taken - weight_bytes - GiB  # its weights and ~1 GiB of its own
+    else:  # the server's own GPU
+        budget = cfg.vllm_server_gpu_memory_utilization * gpu_bytes - weight_bytes - GiB
+    seqs = (layout.prompts_per_rank if cfg.rollout == "vllm" else cfg.prompts_per_step) * cfg.num_generations
+    length = cfg.max_prompt_length + cfg.max_completion_length
+    need = seqs * length * kv_per_token
+    fits = "all at once" if budget >= need else f"{max(int(budget // (need / seqs)), 0)} at a time"
+    return taken, (f"vLLM's KV cache: {max(budget, 0) / GiB:.1f} GiB for {seqs} sequences of up to {length} tokens "
+                   f"({need / GiB:.2f} GiB): {fits}")
+
+
+def _advice(cfg: Config, stage: int, ranks: int) -> list[str]:
+    """What lowers the plan, most effective first."""
     advice = []
-    if stage < 3 and n > 1:
+    if stage < 3 and ranks > 1:
         advice.append("deepspeed=recipes/deepspeed_zero3.json (shards weights, gradients and AdamW over the ranks)")
     if not cfg.gradient_checkpointing:
         advice.append("gradient_checkpointing=true")
@@ -162,8 +175,7 @@ def plan_memory(cfg: Config, world_size: int, gpu_bytes: float, config: dict,
         advice.append("a smaller vllm_gpu_memory_utilization, or rollout=vllm_server on a GPU of its own")
     if not cfg.lora_rank:
         advice.append("lora_rank=16 (trains adapters only)")
-    advice.append("more gradient_accumulation_steps (smaller micro-batches)")
-    return Plan(t, gpu_bytes, cfg.memory_max_fraction, checkpoint, cfg.save_total_limit, kv, advice, overlap)
+    return advice + ["more gradient_accumulation_steps (smaller micro-batches)"]
 
 
 def format_plan(plan: Plan, cfg: Config, world_size: int) -> str:
