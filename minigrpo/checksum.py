@@ -11,8 +11,7 @@ An order-free sum cannot see where an element went: a transposed load, two same-
 swapped (q and k) or gate and up swapped inside a fused gate_up_proj all keep it. `row_weighted_sum`
 adds position: sum over rows r (dim 0) of (r + 1) x the bits sum of row r. It still composes across
 fusion along dim 0 (vLLM's qkv_proj, gate_up_proj): the fused tensor's value is, in the fused order,
-each part's own value plus (rows before it) x its bits sum (`fused_row_weighted_sum`); zero padding
-rows at the end add nothing. Within a row it is order-free, so it does not see two elements of one
+each part's own value plus (rows before it) x its bits sum (`fused_row_weighted_sum`). Within a row it is order-free, so it does not see two elements of one
 row swapped.
 """
 

@@ -109,3 +109,15 @@ def wait_for(work, timeout: float, what: str) -> None:
         time.sleep(pause)
         pause = min(pause * 2, 0.05)
     work.wait()  # surfaces an error the backend recorded (gloo: a peer that closed its end)
+
+
+def raise_if_any(error: BaseException | None, kind: type[BaseException] = RuntimeError, what: str = "a check") -> None:
+    """Every rank learns whether any rank failed (one all_reduce of one number): the rank that failed
+    raises its `error`, the others `kind` saying `what` failed on another rank, so no rank is left
+    waiting in a later collective for one that stopped. Every rank must call it."""
+    failed = all_reduce_scalars([float(error is not None)], "max")[0]
+    if error is not None:
+        raise error
+    if failed:
+        raise kind(f"{what} failed on another rank (its error names the cause); stopping rank {rank()} too")
+

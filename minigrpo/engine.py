@@ -94,11 +94,12 @@ def deepspeed_config(cfg: Config, layout: Layout) -> dict:
     for key, on in (("bf16", cfg.dtype == "bfloat16"), ("fp16", cfg.dtype == "float16")):
         ds[key] = {**ds.get(key, {}), "enabled": on}
     ds.setdefault("zero_optimization", {"stage": 0})
-    if cfg.dtype in ("bfloat16", "float16") and ds["zero_optimization"].get("stage", 0) > 0:
-        # Sum the micro-batches' gradients in fp32, not in the model's 16-bit dtype (DeepSpeed's
-        # default: 8-16 micro-batches summed in bf16 lose ~3 bits). DeepSpeed 0.19.8 takes it at
-        # ZeRO-1/2/3 and refuses it at ZeRO-0 (NotImplementedError): a 16-bit run at ZeRO-0 with
-        # accumulation is warned about in PolicyEngine. A file's own setting wins.
+    if cfg.dtype == "bfloat16" and ds["zero_optimization"].get("stage", 0) > 0:
+        # Sum the micro-batches' gradients in fp32, not in bf16 (DeepSpeed's default: 8-16
+        # micro-batches summed in bf16 lose ~3 bits). DeepSpeed 0.19.8 takes it at ZeRO-1/2/3 (at
+        # ZeRO-1 by switching to its BF16 optimizer) and refuses it at ZeRO-0 (NotImplementedError):
+        # a 16-bit run at ZeRO-0 with accumulation is warned about in PolicyEngine. fp16 (loss
+        # scaling) is left as DeepSpeed has it: untested with fp32 accumulation. A file's own setting wins.
         ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     # DeepSpeed 0.19.8 accepts a client optimizer at ZeRO stage > 0 only if its type is exactly one
     # it knows (torch.optim.AdamW is); GuardedAdamW is AdamW plus a finite-gradient vote before
@@ -133,8 +134,9 @@ class GuardedAdamW(torch.optim.AdamW):
     """AdamW that skips any step whose gradients hold NaN or inf on any rank: no weight changes.
 
     DeepSpeed calls `step()` on the optimizer it was given (ZeRO-0 in fp32) or on the fp32 partitions
-    it manages (ZeRO-1/2). At ZeRO-3, and in bf16 at ZeRO-0, DeepSpeed's own optimizer finds
-    non-finite gradients first and skips the step without calling this one: `PolicyEngine.step`
+    it manages (ZeRO-1/2; but bf16 at ZeRO-1 runs DeepSpeed's BF16 optimizer). At ZeRO-3, in bf16 at
+    ZeRO-0 and ZeRO-1, DeepSpeed's own optimizer finds non-finite gradients first and skips the step
+    without calling this one: `PolicyEngine.step`
     reads that verdict too (`engine.was_step_applied()`) and counts the skip in `skipped`. Setting
     `overflow` is DeepSpeed's own signal (0.19.8, engine._take_model_step) to count the step as
     skipped and hold the LR schedule; under ZeRO-1/2 the ZeRO optimizer reports its own flag, so the

@@ -19,9 +19,12 @@ training ranks, b the bytes of the training dtype (2 for bf16/fp16, 4 for float3
                        vllm_kv_cache_gib. An ESTIMATE until a GPU run measures it. With vllm_sleep it
                        is freed while training, so it and the activations + LM-head chunk count once.
 
-Weights, gradients, the fp32 terms and AdamW are checked against measured allocations of the tiny model
-and of SmolLM2-135M on CPU (tests/test_plan.py); activations and vLLM's share are estimates until a GPU
-run checks them (docs/gpu.md). A checkpoint holds the model (P b; LoRA: the adapter, T 4) and DeepSpeed's
+Checked on CPU against the bytes DeepSpeed holds (tests/test_plan.py): weights and AdamW (tiny model at
+ZeRO-0 fp32 and ZeRO-2 bf16, SmolLM2-135M at ZeRO-0 fp32), gradients at ZeRO-0, the fp32 master at
+ZeRO-2; the parameter counts against the loaded models. Not measured: gradients and the fp32
+accumulation buffer at ZeRO-1/2/3, DeepSpeed's communication buckets, the activations and vLLM's share
+(estimates until a GPU run checks them, docs/gpu.md); with Q-LoRA the base counts at 4 bits though the
+embedding and head stay in the training dtype (an underestimate). A checkpoint holds the model (P b; LoRA: the adapter, T 4) and DeepSpeed's
 state (16-bit: T 12 for the fp32 master and AdamW; float32: T 8), `save_total_limit` of them on disk.
 """
 
@@ -34,42 +37,42 @@ from pathlib import Path
 
 from minigrpo.config import Config, load_deepspeed_config
 from minigrpo.models import BUILTIN_MODELS
+from minigrpo.scoring import CHUNK_LOGITS_BYTES
 
 GiB = 2**30
 SHIPPED = Path(__file__).resolve().parent / "data" / "model_configs"  # config.json of the recipes' models
-CHUNK_LOGITS_BYTES = 256 * 2**20  # as minigrpo.scoring
+def model_config(cfg: Config, folder: Path | None = None):
+    """The model's transformers config, with no model hub: from `folder` (the resolved model), a local
+    folder named by cfg.model, one shipped for the recipes' models and the built-in one, or the Hugging
+    Face cache. Its own class reads the file, so a model's own names (GPT-2's n_embd) resolve too."""
+    from transformers import AutoConfig
 
-
-def model_config(cfg: Config) -> dict:
-    """The model's config.json, with no model hub: a local folder's, one shipped for the recipes' models
-    and the built-in one, or the Hugging Face cache's."""
-    path = Path(cfg.model).expanduser()
+    path = Path(folder or cfg.model).expanduser()
     if (path / "config.json").is_file():
-        return json.loads((path / "config.json").read_text())
+        return AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     shipped = SHIPPED / f"{cfg.model.replace('/', '--')}.json"
     if shipped.is_file():
-        return json.loads(shipped.read_text())
+        return AutoConfig.for_model(**json.loads(shipped.read_text()))
     if cfg.model not in BUILTIN_MODELS:
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(cfg.model, "config.json")
         if isinstance(cached, str):
-            return json.loads(Path(cached).read_text())
+            return AutoConfig.from_pretrained(Path(cached).parent, trust_remote_code=cfg.trust_remote_code)
     raise FileNotFoundError(f"no config.json for {cfg.model!r}: pass a model folder, or download it once "
                             f"(`hf download {cfg.model} config.json`) so the hub cache holds it")
 
 
-def count_parameters(config: dict, cfg: Config) -> tuple[int, int]:
-    """(all parameters, trained ones) of the model `config` describes, built on the meta device (no
-    memory), with the config's LoRA adapters if any."""
+def count_parameters(config, cfg: Config) -> tuple[int, int]:
+    """(all parameters, trained ones) of the model `config` (a transformers config) describes, built on
+    the meta device (no memory), with the config's LoRA adapters if any."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from minigrpo import lora
 
-    hf = AutoConfig.for_model(**config)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
         if cfg.lora_rank:
             lora.add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
     total = sum(p.numel() for p in model.parameters())
@@ -97,14 +100,17 @@ class Plan:
         return self.total <= self.max_fraction * self.gpu_bytes
 
 
-def plan_memory(cfg: Config, world_size: int, gpu_bytes: float, config: dict,
+def plan_memory(cfg: Config, world_size: int, gpu_bytes: float, config,
                 params: tuple[int, int] | None = None) -> Plan:
-    """The per-GPU plan of a run of `cfg` on `world_size` training ranks of `gpu_bytes` each."""
+    """The per-GPU plan of a run of `cfg` on `world_size` training ranks of `gpu_bytes` each; `config`:
+    the model's transformers config (`model_config`)."""
     total, trained = params or count_parameters(config, cfg)
-    text = config.get("text_config", config)
-    H, I, layers, V = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"], text["vocab_size"]
-    heads, kv_heads = text["num_attention_heads"], text.get("num_key_value_heads", text["num_attention_heads"])
-    head_dim = text.get("head_dim") or H // heads
+    text = config.get_text_config()
+    H, layers, V = text.hidden_size, text.num_hidden_layers, text.vocab_size
+    I = getattr(text, "intermediate_size", None) or 4 * H  # GPT-2 style configs: 4 H unless n_inner  # noqa: E741
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or H // heads
     b = 4 if cfg.dtype == "float32" else 2
     sixteen = b == 2
     stage = int((load_deepspeed_config(cfg.deepspeed).get("zero_optimization") or {}).get("stage", 0))
@@ -189,33 +195,36 @@ def format_plan(plan: Plan, cfg: Config, world_size: int) -> str:
                  + ("fits" if plan.fits else "DOES NOT FIT"))
     lines.append(f"  {plan.kv}")
     lines.append(f"disk: {plan.checkpoint_bytes / GiB:.1f} GiB per checkpoint, up to {plan.kept_checkpoints} kept: "
-                 f"{plan.checkpoint_bytes * plan.kept_checkpoints / GiB:.1f} GiB")
+                 f"{plan.checkpoint_bytes * plan.kept_checkpoints / GiB:.1f} GiB "
+                 f"({plan.checkpoint_bytes * (plan.kept_checkpoints + 1) / GiB:.1f} GiB while a new one is written)")
     if not plan.fits:
         lines.append("to fit, try: " + "; ".join(plan.advice))
     return "\n".join(lines)
 
 
-def check_before_loading(cfg: Config, config: dict, world_size: int, gpu_bytes: float | None) -> Plan:
-    """Refuse, before any model loads, a run whose kept checkpoints do not fit the free disk, or (given
-    the GPU's memory, and unless memory_check is off) whose planned memory does not fit the GPU."""
-    plan = plan_memory(cfg, world_size, gpu_bytes or 80 * GiB, config)
+def check_plan(cfg: Config, plan: Plan, world_size: int, gpu_bytes: float | None) -> None:
+    """Refuse, before any model loads, a run whose checkpoints do not fit the free disk, or (given the
+    GPU's memory, and unless memory_check is off) whose planned memory does not fit the GPU."""
     check_disk(plan, cfg.output_dir)
     if gpu_bytes is not None and cfg.memory_check and not plan.fits:
         raise MemoryError("the planned memory does not fit this GPU (memory_check=false, or --force, runs it "
                           "anyway):\n" + format_plan(plan, cfg, world_size))
-    return plan
 
 
 def check_disk(plan: Plan, output_dir: str) -> None:
-    """Refuse a run whose kept checkpoints cannot fit the free disk of its output folder."""
+    """Refuse a run whose checkpoints cannot fit the free disk of its output folder: save_total_limit are
+    kept, and one more exists while a new one is written (checkpoint.save prunes after it); the run's own
+    checkpoints already on disk (a resume) count as written."""
     folder = Path(output_dir).resolve()
+    existing = len(list((folder / "checkpoints").glob("step-*"))) if (folder / "checkpoints").is_dir() else 0
     while not folder.exists():
         folder = folder.parent
     free = shutil.disk_usage(folder).free
-    need = plan.checkpoint_bytes * plan.kept_checkpoints
+    need = max(plan.kept_checkpoints + 1 - existing, 1) * plan.checkpoint_bytes
     if need > free:
         raise RuntimeError(f"{output_dir}: {plan.kept_checkpoints} checkpoints of {plan.checkpoint_bytes / GiB:.1f} GiB "
-                           f"need {need / GiB:.1f} GiB; {free / GiB:.1f} GiB are free (lower save_total_limit)")
+                           f"kept (one more while saving, {existing} on disk already) need {need / GiB:.1f} GiB more; "
+                           f"{free / GiB:.1f} GiB are free (lower save_total_limit)")
 
 
 def parse_bytes(text: str) -> float:

@@ -194,19 +194,21 @@ def spikes(history: list[dict], metrics: dict, window: int = 20, factor: float =
     """The step's `SPIKE_KEYS` that lie far outside their running range: more than `factor` median
     absolute deviations (MAD) from the median of their last `window` finite values in `history`
     (the logged rows; at least `min_steps` of them). The MAD is floored at a tenth of the largest
-    recent magnitude (and 1e-12): a spike must stand out by more than that magnitude, so a loss that
-    is exactly 0 on most steps (groups without reward spread) does not flag every other step. 10 MADs
+    recent magnitude: a spike must stand out by more than that magnitude, so a loss that is exactly 0
+    on most steps (groups without reward spread) does not flag every other step; a metric that was 0
+    on every recent step is not judged (no range to judge by). 10 MADs
     is ~6.7 standard deviations of normal noise. A run that diverges while staying finite is what
     the NaN guard misses. Returns {key: (value, running median, distance in MADs)}; empty: none."""
     out = {}
     for key in SPIKE_KEYS:
         x = metrics.get(key)
         past = [r[key] for r in history[-window:] if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-        if not isinstance(x, (int, float)) or not math.isfinite(x) or len(past) < min_steps:
-            continue
+        scale = max((abs(p) for p in past), default=0.0)
+        if not isinstance(x, (int, float)) or not math.isfinite(x) or len(past) < min_steps or scale == 0:
+            continue  # a metric that was exactly 0 on every recent step (beta 0's KL) has no range to judge by
         med = statistics.median(past)
         mad = statistics.median(abs(p - med) for p in past)
-        distance = abs(x - med) / max(mad, 0.1 * max(abs(p) for p in past), 1e-12)
+        distance = abs(x - med) / max(mad, 0.1 * scale)
         if distance > factor:
             out[key] = (float(x), med, distance)
     return out

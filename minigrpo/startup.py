@@ -9,20 +9,19 @@ rate schedule and LoRA shape) are written into every checkpoint and compared on 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+import sys
 from pathlib import Path
 
 import torch
 
 from minigrpo import checkpoint as ckpt
-from minigrpo import lora
+from minigrpo import collectives, lora
 from minigrpo.batching import PromptSet, prepare_prompts, required_columns, reward_columns
 from minigrpo.config import Config, ConfigError, Layout
 from minigrpo.engine import DistInfo, PolicyEngine, init_distributed, warmup_steps
 from minigrpo.evaluation import check_reward_names
 from minigrpo.models import load_causal_lm, load_tokenizer, resolve_model, set_transformers_log_level
-from minigrpo.plan import check_before_loading
+from minigrpo.plan import GiB, check_plan, model_config, plan_memory
 from minigrpo.rewards import REWARD_ARGUMENTS, Reward
 from minigrpo.rewards.isolation import accepted_keywords
 from minigrpo.rollout import Sampling, make_engine
@@ -119,15 +118,12 @@ def start_run(cfg: Config, rewards: list[Reward], train_dataset, eval_dataset, t
     """Tokenize the prompts, start the processes, load the models and engines, resume, calibrate the push probe."""
     set_transformers_log_level(cfg.log_level)
     model_path = resolve_model(cfg.model, cfg.model_cache_dir)  # a bad path fails here, in one line
-    gpu = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory \
-        if torch.cuda.is_available() else None
-    check_before_loading(cfg, json.loads((model_path / "config.json").read_text()), int(os.environ.get("WORLD_SIZE", 1)),
-                         gpu)  # memory (on a GPU) and disk, planned before anything heavy
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     train_set = prepare_prompts(train_dataset, tokenizer, template, cfg.max_prompt_length)  # too long: error
     eval_set = prepare_prompts(eval_dataset, tokenizer, template, cfg.max_prompt_length) if eval_dataset else None
 
     info = init_distributed(cfg.log_level, cfg.dist_timeout_minutes)
+    _check_plan(cfg, model_path, info)  # memory (on a GPU) and disk, before any model loads
     layout = cfg.layout(info.world_size)
     seed_everything(cfg.seed + info.rank)
     policy, reference, adapter = _load_models(cfg, model_path, info, layout)
@@ -146,6 +142,29 @@ def start_run(cfg: Config, rewards: list[Reward], train_dataset, eval_dataset, t
     run = Run(cfg, info, layout, out, model_path, rewards, tokenizer, train_set, eval_set, policy, reference, adapter, rollout,
               sampling, probe_ids, probe_atol)
     return run, state
+
+
+def _check_plan(cfg: Config, model_path: Path, info: DistInfo) -> None:
+    """The memory and disk plan (minigrpo/plan.py) judged before any model loads, every rank agreeing.
+    A model the plan cannot describe (an architecture transformers builds only with its own code, say)
+    is planned for nothing: a warning on CPU, an error on a GPU unless memory_check is off."""
+    on_gpu = torch.cuda.is_available()
+    gpu = torch.cuda.get_device_properties(info.local_rank).total_memory if on_gpu else None
+    error, plan = None, None
+    try:
+        plan = plan_memory(cfg, info.world_size, gpu or 80 * GiB, model_config(cfg, model_path))
+    except (ValueError, KeyError, AttributeError, TypeError, OSError, ImportError) as e:
+        reason = f"no memory and disk plan for {model_path} ({type(e).__name__}: {e})"
+        if on_gpu and cfg.memory_check:
+            error = RuntimeError(f"{reason}; memory_check=false (--force) runs without it")
+        elif info.rank == 0:
+            print(f"[minigrpo] warning: {reason}", file=sys.stderr, flush=True)
+    if plan is not None:
+        try:
+            check_plan(cfg, plan, info.world_size, gpu)
+        except (MemoryError, RuntimeError) as e:
+            error = e
+    collectives.raise_if_any(error, RuntimeError, "the memory and disk plan")
 
 
 def _load_models(cfg: Config, model_path: Path, info: DistInfo, layout: Layout) -> tuple[PolicyEngine, object, dict | None]:

@@ -3,7 +3,7 @@ per-task outcomes (no torch, no I/O).
 
 - `wilson_interval`: a 95% interval for a rate (success, format, pass@k) of n tasks. Wilson's score
   interval, not the normal approximation p +- 1.96 sqrt(p(1-p)/n), which collapses to [0, 0] at 0/n and
-  leaves [0, 1] at small n.
+  overshoots [0, 1] near its ends at small n.
 - `paired_difference`: two models on the same tasks. The difference of their rates, a 95% interval from
   a paired bootstrap (tasks resampled with replacement, both models' outcomes kept together, so the
   tasks both solve or both fail add no noise), and McNemar's exact two-sided p-value from the tasks
@@ -35,7 +35,8 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
 
 def mcnemar_p(only_a: int, only_b: int) -> float:
     """McNemar's exact two-sided p-value: under "no difference" each of the only_a + only_b tasks that
-    exactly one model solves is equally likely to be either's, so min(only_a, only_b) ~ Binomial(d, 1/2)."""
+    exactly one model solves is equally likely to be either's: only_a ~ Binomial(d, 1/2), and the
+    two-sided p is twice P(X <= min(only_a, only_b)), at most 1."""
     d = only_a + only_b
     if d == 0:
         return 1.0
@@ -55,7 +56,7 @@ def paired_difference(a: Sequence[bool], b: Sequence[bool], resamples: int = 10_
     x = np.asarray(b, dtype=np.int64) - np.asarray(a, dtype=np.int64)  # [n] per task: -1, 0 or +1
     n = len(x)
     rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
+    means = np.empty(resamples)  # [resamples] the mean difference of each resampling
     for start in range(0, resamples, 1000):  # [1000, n] index draws at a time: bounded memory
         rows = min(1000, resamples - start)
         means[start:start + rows] = x[rng.integers(0, n, size=(rows, n))].mean(axis=1)

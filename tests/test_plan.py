@@ -2,6 +2,7 @@
 config.json alone, the weights/gradients/optimizer terms against what DeepSpeed really holds on CPU,
 every shipped recipe planned, and a run that cannot fit refused with the numbers and what to change."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from minigrpo import Config
-from minigrpo.plan import GiB, check_before_loading, count_parameters, model_config, parse_bytes, plan_memory
+from minigrpo.plan import GiB, check_plan, count_parameters, model_config, parse_bytes, plan_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +27,7 @@ def test_parameter_counts_from_config_json_alone():
 
 
 def test_lora_counts_only_the_adapters_as_trained(tiny_model):
-    config = json.loads((tiny_model / "config.json").read_text())
+    config = model_config(Config(model=str(tiny_model)))
     total, trained = count_parameters(config, Config(lora_rank=4))
     # 2 layers x (q, k, v, o: 4 x (128 + 128) + gate, up: 2 x (128 + 256) + down: (256 + 128)) x rank 4
     assert trained == 2 * (4 * 256 + 2 * 384 + 384) * 4 == 17_408
@@ -38,9 +39,8 @@ def test_the_count_is_the_loaded_models(model_path, tiny_model):
     from minigrpo.models import load_causal_lm
 
     for folder in (tiny_model, model_path):
-        config = json.loads((Path(folder) / "config.json").read_text())
         loaded = sum(p.numel() for p in load_causal_lm(folder).parameters())
-        assert count_parameters(config, Config())[0] == loaded
+        assert count_parameters(model_config(Config(model=str(folder))), Config())[0] == loaded
 
 
 def _measured(model, stage, dtype):
@@ -52,13 +52,16 @@ def _measured(model, stage, dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, dtype", [("0", "float32"), ("2", "bfloat16")])
-def test_weights_gradients_and_optimizer_terms_are_what_deepspeed_holds(tiny_model, stage, dtype):
-    """One rank, after one optimizer step, bytes measured from the tensors themselves (engine_checks.alloc)."""
-    m = _measured(tiny_model, stage, dtype)
+@pytest.mark.parametrize("model, stage, dtype", [("tiny", "0", "float32"), ("tiny", "2", "bfloat16"),
+                                                 ("smollm2", "0", "float32")])
+def test_weights_gradients_and_optimizer_terms_are_what_deepspeed_holds(tiny_model, model_path, model, stage, dtype):
+    """One rank, after one optimizer step, bytes measured from the tensors themselves (engine_checks.alloc):
+    the tiny model at ZeRO-0 fp32 and ZeRO-2 bf16, SmolLM2-135M at ZeRO-0 fp32 (~2 GB of states)."""
+    folder = Path(tiny_model if model == "tiny" else model_path)
+    m = _measured(folder, stage, dtype)
     cfg = Config(dtype=dtype, deepspeed=None if stage == "0" else str(ROOT / "recipes" / "deepspeed_zero2.json"),
                  rollout="torch", prompts_per_step=1, num_generations=2, gradient_accumulation_steps=1)
-    t = plan_memory(cfg, 1, 80 * GiB, json.loads((tiny_model / "config.json").read_text())).terms
+    t = plan_memory(cfg, 1, 80 * GiB, model_config(Config(model=str(folder)))).terms
     assert t["weights"] == m["weights"] and t["AdamW states"] == m["adam"]
     if stage == "0":  # fp32 at ZeRO-0: the module's own gradients, no master copy
         assert t["gradients"] == m["module_gradients"] and "fp32 master weights" not in t and m["fp32_master"] == 0
@@ -87,17 +90,51 @@ def test_a_run_that_cannot_fit_is_refused_with_the_numbers_and_what_to_change(tm
     cfg = Config.load(str(ROOT / "recipes" / "qwen2.5-1gpu-countdown.yaml"),
                       ["model=Qwen/Qwen2.5-3B-Instruct", f"output_dir={tmp_path}", "save_total_limit=1"])
     config = model_config(cfg)
+    # checkpoints of 1 byte: the memory is judged here, not this machine's free disk (tested below)
+    plan = dataclasses.replace(plan_memory(cfg, 1, 80 * GiB, config), checkpoint_bytes=1)
     with pytest.raises(MemoryError, match=r"(?s)does not fit this GPU.*fp32 master weights.*86.40 GiB of 80.0 GiB.*to fit, try"):
-        check_before_loading(cfg, config, 1, 80 * GiB)  # what train() does on a GPU, before loading
+        check_plan(cfg, plan, 1, 80 * GiB)  # what train() does on a GPU, before loading
     forced = Config.load(str(ROOT / "recipes" / "qwen2.5-1gpu-countdown.yaml"),
                          ["model=Qwen/Qwen2.5-3B-Instruct", f"output_dir={tmp_path}", "save_total_limit=1",
                           "memory_check=false"])
-    assert not check_before_loading(forced, config, 1, 80 * GiB).fits  # --force: planned, not refused
-    assert check_before_loading(cfg, config, 1, None)  # no GPU (this machine): memory is not judged
-    # the disk: 40 GiB per 3B checkpoint, a thousand kept do not fit any disk here
+    check_plan(forced, dataclasses.replace(plan_memory(forced, 1, 80 * GiB, config), checkpoint_bytes=1), 1,
+               80 * GiB)  # --force: planned, not refused
+    check_plan(cfg, plan, 1, None)  # no GPU (this machine): memory is not judged
+    # the disk: 40 GiB per 3B checkpoint, a thousand kept (and one more while saving) fit no disk here
     many = Config.load(str(ROOT / "recipes" / "qwen2.5-3b-countdown.yaml"), [f"output_dir={tmp_path}", "save_total_limit=1000"])
-    with pytest.raises(RuntimeError, match="1000 checkpoints of 40.2 GiB"):
-        check_before_loading(many, config, 4, None)
+    with pytest.raises(RuntimeError, match=r"1000 checkpoints of 40.2 GiB kept \(one more while saving, 0 on disk"):
+        check_plan(many, plan_memory(many, 4, 80 * GiB, config), 4, None)
+
+
+def test_the_disk_check_counts_the_checkpoint_being_written_and_a_resumed_runs_own(tmp_path):
+    """save_total_limit are kept and one more exists while a new one is written; a resumed run's own
+    checkpoints are already on the disk, so they are not asked for again."""
+    from minigrpo.plan import check_disk
+    import shutil
+
+    free = shutil.disk_usage(tmp_path).free
+    cfg = Config(output_dir=str(tmp_path / "run"), save_total_limit=2)
+    plan = plan_memory(cfg, 1, 80 * GiB, model_config(Config(model="smollm2-135m-instruct")))
+    big = dataclasses.replace(plan, checkpoint_bytes=free / 2.5)  # 3 of them (2 kept + 1 being written) do not fit
+    with pytest.raises(RuntimeError, match="need"):
+        check_disk(big, cfg.output_dir)
+    for step in (1, 2):  # a run that already wrote its 2 checkpoints: only the one being written is needed
+        (tmp_path / "run" / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
+    check_disk(big, cfg.output_dir)
+
+
+def test_a_model_the_plan_reads_by_its_own_config_class(tmp_path):
+    """GPT-2 names its sizes n_embd, n_layer, n_head (and no intermediate size): its own config class
+    resolves them (issue-24 review: the plan had read config.json's keys and failed on such models)."""
+    from transformers import GPT2Config
+
+    GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64).save_pretrained(tmp_path)
+    cfg = Config(model=str(tmp_path), rollout="torch")
+    plan = plan_memory(cfg, 1, 80 * GiB, model_config(cfg))
+    # parameters: wte 100x64 + wpe 64x64 + 2 blocks x (2 LayerNorms 4x64 + attn 64x192 + 192 + 64x64 + 64
+    #             + MLP 64x256 + 256 + 256x64 + 64) + final LayerNorm 2x64 (the head is tied)
+    params = 100 * 64 + 64 * 64 + 2 * (4 * 64 + 64 * 192 + 192 + 64 * 64 + 64 + 64 * 256 + 256 + 256 * 64 + 64) + 2 * 64
+    assert plan.terms["weights"] == 4 * params and plan.terms["AdamW states"] == 8 * params
 
 
 def test_gpu_memory_is_read_as_gib():

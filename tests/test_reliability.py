@@ -281,8 +281,10 @@ def test_spikes_far_outside_the_running_range_are_flagged():
     # a loss exactly 0 on most steps (no reward spread): a small loss is no spike, a large one is
     zeros = [{"loss": 0.0} for _ in range(8)] + [{"loss": 0.004}, {"loss": -0.003}]
     assert spikes(zeros, {"loss": 0.003}) == {} and "loss" in spikes(zeros, {"loss": 0.5})  # 7.5 and 1250 away
-    # KL that sat at exactly 0 (the floor is then 1e-12): any KL stands out; beta 0 logs 0 always
-    assert "kl" in spikes(rows, {"kl": 1e-3}) and spikes(rows, {"kl": 0.0}) == {}
+    # a metric exactly 0 on every recent step (beta 0's KL; loss and grad norm of steps without reward
+    # spread) has no range to judge by: the first non-zero value is not a spike
+    assert spikes(rows, {"kl": 1e-3}) == {}
+    assert spikes([{"loss": 0.0, "grad_norm": 0.0}] * 8, {"loss": 1e-4, "grad_norm": 0.02}) == {}
     # fewer than 5 earlier steps, or a non-finite value: nothing is judged
     assert spikes(rows[:4], {"grad_norm": 100.0}) == {} and spikes(rows, {"grad_norm": float("inf")}) == {}
     line = spike_line(7, found)

@@ -106,11 +106,12 @@ def load_countdown(
             raise ValueError(f"num_samples={num_samples} but the source has only {len(dataset)} rows")
         dataset = dataset.shuffle(seed=seed).select(range(num_samples))
     split = _unseen_test(dataset.train_test_split(test_size=test_size, seed=seed))
-    for name in split if exclude else ():
-        keep = [i for i, (ns, t) in enumerate(zip(split[name]["nums"], split[name]["target"]))
-                if task_key(ns, t) not in exclude]
-        if len(keep) < len(split[name]):
-            split[name] = split[name].select(keep)
+    if exclude:
+        for name in split:
+            keep = [i for i, (ns, t) in enumerate(zip(split[name]["nums"], split[name]["target"]))
+                    if task_key(ns, t) not in exclude]
+            if len(keep) < len(split[name]):
+                split[name] = split[name].select(keep)
     return split
 
 

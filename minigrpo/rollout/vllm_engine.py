@@ -278,7 +278,7 @@ class VLLMEngine:
         self.last_push_seconds = time.perf_counter() - start
         return sent
 
-    def verify_weights(self, sent: dict[str, tuple[int, int]]) -> None:
+    def verify_weights(self, sent: dict[str, tuple[int, int, int, int]]) -> None:
         """Compare every weight the engine computes with, exactly, with the tensors pushed into it.
 
         `sent`: Hugging Face name -> `checksum.fingerprint` of the tensor the trainer pushed. Each
@@ -390,7 +390,7 @@ def _parameter_sums(worker, hf_names: list[str]) -> dict:
     the engine computes with.
 
     Returns {"targets": {hf name: (engine parameter, shard id) or None},
-             "sums": {entry: (bits sum, numel, KV-head replicas of the layer, engine parameter)}}.
+             "sums": {entry: (bits sum, numel, KV-head replicas of the layer, engine parameter, row-weighted sum)}}.
     An entry is an engine parameter, or a packed copy that a layer made of one (see
     `_record_cpu_packing`); the last field names the parameter whose pushed tensors it must equal."""
     model = worker.model_runner.get_model()
