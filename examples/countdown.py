@@ -81,6 +81,11 @@ def main() -> None:
                 resume=args.resume)
     print(f"[minigrpo] done. outputs in {out}: metrics.jsonl, curves.png, completion_samples.txt, "
           f"checkpoints/ (latest: {sorted((out / 'checkpoints').glob('step-*'))[-1].name})")
+    if Path(args.config).resolve() == DEFAULT_RECIPE:  # this run teaches the format; where success is taught
+        print("[minigrpo] to see GRPO raise held-out success, not only the format: the warm-up, then 20 GRPO steps "
+              "(docs/results.md, 'Issue 22'): python examples/countdown_warmup.py --config "
+              "recipes/countdown_cpu_solve_warmup.yaml && python examples/countdown.py --config "
+              "recipes/countdown_cpu_solve.yaml --model outputs/countdown-solve-warmup/model")
 
 
 if __name__ == "__main__":  # vLLM starts worker processes by spawn: the guard is required
