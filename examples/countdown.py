@@ -58,14 +58,9 @@ def load_config(argv: list[str] | None = None) -> tuple[argparse.Namespace, Conf
 
 def print_plan(args: argparse.Namespace, cfg: Config) -> int:
     """--plan: the memory and disk plan (minigrpo/plan.py) from the config and the model's config.json."""
-    import torch
+    from minigrpo.plan import GiB, format_plan, gpu_bytes, model_config, parse_bytes, plan_memory
 
-    from minigrpo.plan import GiB, format_plan, model_config, parse_bytes, plan_memory
-
-    if args.gpu_memory:
-        gpu = parse_bytes(args.gpu_memory)
-    else:
-        gpu = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * GiB
+    gpu = parse_bytes(args.gpu_memory) if args.gpu_memory else (gpu_bytes() or 80 * GiB)
     world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
     plan = plan_memory(cfg, world, gpu, model_config(cfg))
     print(format_plan(plan, cfg, world))

@@ -294,7 +294,7 @@ class PolicyEngine:
         if boundary:
             # Two ways a non-finite step is skipped: our GuardedAdamW finds it (ZeRO-0 in fp32, and
             # ZeRO-1/2, whose optimizer calls ours), or DeepSpeed's own optimizer does before ever
-            # calling ours (ZeRO-3, and the bf16 optimizer at ZeRO-0; DeepSpeed 0.19.8). The engine's
+            # calling ours (ZeRO-3, and its bf16 optimizer at ZeRO-0 and -1; DeepSpeed 0.19.8). The engine's
             # `was_step_applied()` reports DeepSpeed's verdict (its optimizer's `overflow`, which at
             # ZeRO-0 fp32 is ours); either skip counts once.
             ds_skipped = not self.engine.was_step_applied()

@@ -41,6 +41,13 @@ from minigrpo.scoring import CHUNK_LOGITS_BYTES
 
 GiB = 2**30
 SHIPPED = Path(__file__).resolve().parent / "data" / "model_configs"  # config.json of the recipes' models
+def gpu_bytes(local_rank: int = 0) -> float | None:
+    """This process's GPU memory in bytes, or None without CUDA."""
+    import torch
+
+    return float(torch.cuda.get_device_properties(local_rank).total_memory) if torch.cuda.is_available() else None
+
+
 def model_config(cfg: Config, folder: Path | None = None):
     """The model's transformers config, with no model hub: from `folder` (the resolved model), a local
     folder named by cfg.model, one shipped for the recipes' models and the built-in one, or the Hugging

@@ -21,7 +21,7 @@ from minigrpo.config import Config, ConfigError, Layout
 from minigrpo.engine import DistInfo, PolicyEngine, init_distributed, warmup_steps
 from minigrpo.evaluation import check_reward_names
 from minigrpo.models import load_causal_lm, load_tokenizer, resolve_model, set_transformers_log_level
-from minigrpo.plan import GiB, check_plan, model_config, plan_memory
+from minigrpo.plan import GiB, check_plan, gpu_bytes, model_config, plan_memory
 from minigrpo.rewards import REWARD_ARGUMENTS, Reward
 from minigrpo.rewards.isolation import accepted_keywords
 from minigrpo.rollout import Sampling, make_engine
@@ -148,8 +148,8 @@ def _check_plan(cfg: Config, model_path: Path, info: DistInfo) -> None:
     """The memory and disk plan (minigrpo/plan.py) judged before any model loads, every rank agreeing.
     A model the plan cannot describe (an architecture transformers builds only with its own code, say)
     is planned for nothing: a warning on CPU, an error on a GPU unless memory_check is off."""
-    on_gpu = torch.cuda.is_available()
-    gpu = torch.cuda.get_device_properties(info.local_rank).total_memory if on_gpu else None
+    gpu = gpu_bytes(info.local_rank)
+    on_gpu = gpu is not None
     error, plan = None, None
     try:
         plan = plan_memory(cfg, info.world_size, gpu or 80 * GiB, model_config(cfg, model_path))

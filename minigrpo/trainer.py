@@ -25,7 +25,7 @@ from minigrpo.config import Config
 from minigrpo.evaluation import evaluate
 from minigrpo.phases import (StepBatch, collect_rollouts, compute_advantages, frozen_logprobs, push_weights,
                              step_metrics, update_policy)
-from minigrpo.plan import GiB, format_plan, model_config, plan_memory
+from minigrpo.plan import GiB, format_plan, gpu_bytes, model_config, plan_memory
 from minigrpo.runlog import Progress, RunLog, before_after, eval_line, spike_line, spikes
 from minigrpo.runtime import PhaseTimer, StopOnSignal
 from minigrpo.startup import LoopState, Run, TrainerState, check_inputs, run_identity, start_run, trainer_state
@@ -115,10 +115,10 @@ def _out_of_memory_report(run: Run, log: RunLog, step: int):
         yield
     except torch.OutOfMemoryError as e:
         cfg = run.cfg
-        on_gpu = torch.cuda.is_available()
-        gpu = torch.cuda.get_device_properties(run.info.local_rank).total_memory if on_gpu else 80 * GiB
+        gpu = gpu_bytes(run.info.local_rank)
         measured = (f"peak allocated {torch.cuda.max_memory_allocated() / GiB:.1f} GiB of {gpu / GiB:.1f} GiB"
-                    if on_gpu else "no GPU here: planned for 80 GiB")
+                    if gpu else "no GPU here: planned for 80 GiB")
+        gpu = gpu or 80 * GiB
         plan = plan_memory(cfg, run.info.world_size, gpu, model_config(cfg, run.model_path))
         log.close()
         last = ckpt.latest_checkpoint(run.out)
