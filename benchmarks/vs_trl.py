@@ -57,6 +57,7 @@ ENV = {"OMP_WAIT_POLICY": "PASSIVE", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "DS_
 
 SETTINGS = {
     "model": "smollm2-135m-instruct",
+    "rewards": ["format_reward", "equation_reward"],
     "dataset": "countdown, generated offline: 200 rows, seed 42, train split (180 rows)",
     "prompts_per_step": 2,
     "num_generations": 8,
@@ -77,15 +78,23 @@ def bench_prompts(settings: dict, tokenizer):
     """The train split as TRL wants it: a rendered `prompt` string column (plus `target`, `nums`),
     with the rows reordered so that row k is the prompt minigrpo trains on at position k of its
     own schedule (step s takes rows (s-1)*P .. s*P-1)."""
-    from minigrpo.batching import prompt_indices
-    from minigrpo.data import R1_COUNTDOWN, load_countdown, render_prompt
+    from minigrpo.data import load_countdown
 
     train = load_countdown("generate", num_samples=200, seed=settings["seed"])["train"]
-    P = settings["prompts_per_step"]
-    n_steps = max(settings["steps"], len(train) // P)  # at least one epoch of minigrpo's order
-    order = [i for s in range(1, n_steps + 1) for i in prompt_indices((s - 1) * P, len(train), P, settings["seed"], 0, 1)]
-    train = train.select(order)
-    return train.map(lambda row: {"prompt": render_prompt(tokenizer, row, R1_COUNTDOWN)})
+    return in_minigrpo_order(train, tokenizer, settings["prompts_per_step"], settings["steps"], settings["seed"])
+
+
+def in_minigrpo_order(train, tokenizer, prompts_per_step: int, steps: int, seed: int):
+    """`train` reordered so that row k is the prompt minigrpo trains on at position k of its schedule
+    (one rank: step s takes positions (s-1)*P .. s*P-1, batching.prompt_indices), at least one
+    epoch of it, with the R1 prompt rendered into a `prompt` column (what TRL reads unshuffled)."""
+    from minigrpo.batching import prompt_indices
+    from minigrpo.data import R1_COUNTDOWN, render_prompt
+
+    P = prompts_per_step
+    n_steps = max(steps, len(train) // P)
+    order = [i for s in range(1, n_steps + 1) for i in prompt_indices((s - 1) * P, len(train), P, seed, 0, 1)]
+    return train.select(order).map(lambda row: {"prompt": render_prompt(tokenizer, row, R1_COUNTDOWN)})
 
 
 def run_minigrpo(settings: dict, result_path: Path) -> None:
@@ -125,6 +134,8 @@ def run_side(side: str, settings: dict, out: Path, threads: int) -> dict:
     if side == "minigrpo":
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child-minigrpo", str(settings_file), str(result)]
     else:
+        settings_file = out / f"settings-{side}.json"  # TRL's side writes its run under output_dir
+        settings_file.write_text(json.dumps({**settings, "output_dir": str(out / f"{side}_run")}, indent=1))
         cmd = [sys.executable, str(HERE / "_trl_side.py"), str(settings_file), str(result)]
         cmd += ["--vllm"] if side == "trl_vllm" else []
     env = dict(os.environ, **ENV, OMP_NUM_THREADS=str(threads))
@@ -225,6 +236,10 @@ def main() -> None:
                 "threads": args.threads, "env": ENV, "sides": sides}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    from transformers import AutoTokenizer
+
+    settings["prompts_file"] = str(out / "prompts.jsonl")  # TRL's side reads its prompts from here
+    bench_prompts(settings, AutoTokenizer.from_pretrained(settings["model_path"])).to_json(settings["prompts_file"])
     (out / "settings.json").write_text(json.dumps(settings, indent=1))
 
     summaries, errors = {}, {}

@@ -8,7 +8,10 @@
     python examples/evaluate_countdown.py --model GRPO --tasks countdown-3x99 --compare warmup.json
 
 Per number count and overall: greedy success (pass@1), pass@k (exactly --k samples per task at
-temperature 1.0; 0 skips it), format rate and mean length, each rate with its 95% Wilson interval.
+temperature 1.0; 0 skips it), format rate and mean length, each rate with its 95% Wilson interval,
+and an audit of the greedy completions' `<think>` arithmetic (how many written steps "a op b = c"
+are right). The --json keeps every task's outcome and greedy completion. `--kl-to MODEL` adds
+KL(this model || MODEL) per token, on one sample per task: how far training moved the policy.
 `--compare` (a model, or the --json of an earlier evaluation on the same tasks) adds the paired
 difference of this model minus that one, per task, with a 95% paired-bootstrap interval and McNemar's
 exact p-value: for greedy success and for pass@k.
@@ -37,7 +40,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as examples/countdown.py:
 from minigrpo import Config  # noqa: E402
 from minigrpo.batching import prepare_prompts  # noqa: E402
 from minigrpo.data import R1_COUNTDOWN, load_heldout, load_recipe_tasks  # noqa: E402
-from minigrpo.evaluation import greedy_sampling, summarize_outcomes, task_outcomes  # noqa: E402
+from minigrpo.evaluation import arithmetic_audit, greedy_sampling, kl_estimates, summarize_outcomes, task_outcomes  # noqa: E402
 from minigrpo.lora import adapter_folder, export_merged  # noqa: E402
 from minigrpo.models import load_tokenizer, resolve_model, set_transformers_log_level  # noqa: E402
 from minigrpo.rewards import Reward, equation_reward, format_reward  # noqa: E402
@@ -64,6 +67,8 @@ def main() -> None:
     p.add_argument("--compare", help="a model, or the --json of an earlier evaluation, to compare with")
     p.add_argument("--samples", type=int, default=3, help="completions to print")
     p.add_argument("--json", help="write the result here (with every task's outcome, for --compare)")
+    p.add_argument("--kl-to", help="a model (e.g. the starting checkpoint): estimate KL(this || that) per token "
+                                   "on one sample per task at temperature 1.0 (two forward passes per task)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args()
     tier = [f"generator_{k}={getattr(args, k)}" for k in TIER_FLAGS if getattr(args, k) is not None]
@@ -79,7 +84,7 @@ def main() -> None:
     modes = {"both": (False, True), "without": (False,), "with": (True,)}[args.stop] if cfg.stop else (False,)
     result = {"model": args.model, "tasks": len(tasks), "tasks_from": args.tasks or "recipe test split",
               "tasks_sha256": digest, "difficulty": cfg.generator_difficulty(), "stop_strings": cfg.stop, "k": args.k,
-              **evaluate_model(args.model, cfg, tasks, modes, args.k, args.seed, args.samples)}
+              **evaluate_model(args.model, cfg, tasks, modes, args.k, args.seed, args.samples, args.kl_to)}
     if args.compare:
         other = other or earlier_result(args.compare, digest)  # a model: evaluated now, in its own process
         result["compared_with"] = other["model"]
@@ -92,14 +97,20 @@ def main() -> None:
     print(json.dumps({k: v for k, v in result.items() if k not in ("with_stop", "without_stop")}))
 
 
-def evaluate_model(model: str, cfg: Config, tasks: list[dict], modes, k: int, seed: int, samples: int) -> dict:
-    """Per mode ("without_stop", "with_stop"): the summary (old keys kept: format_rate, success_rate,
-    completion_length_mean, truncated_fraction, by_count) plus intervals, pass@k and every task's outcome."""
+def model_folder(model: str, cfg: Config) -> Path:
+    """A model folder vLLM and transformers load: a LoRA checkpoint's base with the adapter merged in."""
     adapter = adapter_folder(model)
-    if adapter is not None:  # a LoRA checkpoint: vLLM gets the base with the adapter merged in
-        path = export_merged(adapter, Path(tempfile.mkdtemp(prefix="minigrpo-merged-")), cfg.dtype)
-    else:
-        path = resolve_model(model, cfg.model_cache_dir)
+    if adapter is not None:
+        return export_merged(adapter, Path(tempfile.mkdtemp(prefix="minigrpo-merged-")), cfg.dtype)
+    return resolve_model(model, cfg.model_cache_dir)
+
+
+def evaluate_model(model: str, cfg: Config, tasks: list[dict], modes, k: int, seed: int, samples: int,
+                   kl_to: str | None = None) -> dict:
+    """Per mode ("without_stop", "with_stop"): the summary (old keys kept: format_rate, success_rate,
+    completion_length_mean, truncated_fraction, by_count) plus intervals, pass@k and every task's outcome;
+    with `kl_to`, also `kl_to` (see kl_audit)."""
+    path = model_folder(model, cfg)
     tokenizer = load_tokenizer(path)
     columns = {"nums": [t["nums"] for t in tasks], "target": [t["target"] for t in tasks]}
     prompts = prepare_prompts(Dataset.from_dict(columns), tokenizer, R1_COUNTDOWN, cfg.max_prompt_length)
@@ -121,13 +132,50 @@ def evaluate_model(model: str, cfg: Config, tasks: list[dict], modes, k: int, se
             "by_count": {g: {"tasks": r["success"]["tasks"], "format_rate": r["format"]["rate"],
                              "success_rate": r["success"]["rate"]} for g, r in s.items() if g != "all"},
             "summary": s,
+            "think_arithmetic": arithmetic_audit(o.texts, o.success),  # of the greedy completions
             "outcomes": {"success": o.success, "format": o.format, f"pass@{k}": o.pass_k},
+            "texts": o.texts,  # the greedy completions, for audits
         }
         print(f"=== {model}, {name.replace('_', ' ')} strings {cfg.stop if with_stop else ''}")
         for i in range(min(samples, len(tasks))):
             print(f"--- task {tasks[i]['nums']} -> {tasks[i]['target']}\n{o.texts[i]}\n")
         print(table(s, k))
+        print(audit_line(out[name]["think_arithmetic"]))
+    if kl_to:
+        out["kl_to"] = {"model": kl_to, **kl_audit(engine, prompts, path, model_folder(kl_to, cfg), cfg, seed)}
+        print(f"KL({model} || {kl_to}) per token, {out['kl_to']['tokens']} sampled tokens: "
+              f"k1 {out['kl_to']['k1']:.4f}, k3 {out['kl_to']['k3']:.4f} nats")
     return out
+
+
+def kl_audit(engine, prompts, path: Path, other: Path, cfg: Config, seed: int, micro_batch: int = 16) -> dict:
+    """KL(model at `path` || model at `other`) per completion token (`evaluation.kl_estimates`), on one
+    completion per task sampled from the model at temperature 1.0 (no stop strings), both models' log-probs
+    computed by transformers in `cfg.dtype` (the engine's own log-probs would mix in its numerics)."""
+    import torch
+
+    from minigrpo.models import load_causal_lm
+    from minigrpo.rollout import Sampling
+    from minigrpo.scoring import completion_logprobs
+
+    batch = engine.generate(prompts.ids, Sampling(n=1, max_tokens=cfg.max_completion_length, temperature=1.0,
+                                                  seed=seed + 1))
+    pad = load_tokenizer(path).pad_token_id or 0
+    n, t = len(batch.completion_ids), max(len(c) for c in batch.completion_ids)
+    mask = torch.zeros(n, t)  # [B, T]
+    for i, c in enumerate(batch.completion_ids):
+        mask[i, :len(c)] = 1
+    logprobs = []
+    for folder in (path, other):
+        model, rows = load_causal_lm(folder, cfg.dtype), torch.zeros(n, t)  # [B, T]
+        with torch.no_grad():
+            for i in range(0, n, micro_batch):
+                lp = completion_logprobs(model, prompts.ids[i:i + micro_batch], batch.completion_ids[i:i + micro_batch],
+                                         pad_id=pad, share_prompts=False)  # [b, T_chunk]
+                rows[i:i + lp.shape[0], :lp.shape[1]] = lp
+        logprobs.append(rows)
+        del model
+    return kl_estimates(logprobs[0], logprobs[1], mask)
 
 
 def earlier_result(other: str, digest: str) -> dict:
@@ -181,6 +229,16 @@ def table(s: dict, k: int) -> str:
                      f"{ci(r, 'success'):>16} {pct(r, pk):>7} {ci(r, pk):>16}"
                      f"   {r['completion_length_mean']:.0f} ({r['truncated_fraction']:.0%} cut by the length limit)")
     return "\n".join(lines)
+
+
+def audit_line(a: dict) -> str:
+    """The `<think>` arithmetic audit of the greedy completions, in one line."""
+    def frac(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    return (f"<think> arithmetic: {a['steps_correct']} of {a['steps_written']} written steps right "
+            f"({frac(a['step_accuracy'])}); {frac(a['with_steps'])} of completions write steps; "
+            f"solved ones with every step right: {frac(a['solved_sound'])}")
 
 
 def paired_table(p: dict) -> str:

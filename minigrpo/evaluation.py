@@ -6,16 +6,22 @@
   per task, greedy success (pass@1) and format, and pass@k (any success in exactly k samples at
   temperature 1.0); per group (e.g. the number count) and overall, each rate with its Wilson
   interval. Two models' outcomes on the same tasks compare with `minigrpo.stats.paired_difference`.
+- `arithmetic_audit`: is the arithmetic written in `<think>` still right (a reward-hacking audit:
+  the rewards grade only the answer).
+- `kl_estimates`: how far a policy moved from another (e.g. its starting checkpoint), per token,
+  from log-probs of completions sampled from the policy.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+
+import torch
 from collections.abc import Sequence
 
 from minigrpo import collectives
-from minigrpo.rewards import repeat_columns, score_completions
+from minigrpo.rewards import repeat_columns, score_completions, think_arithmetic
 from minigrpo.rollout import Sampling
 from minigrpo.stats import wilson_interval
 
@@ -152,3 +158,44 @@ def summarize_outcomes(outcomes: TaskOutcomes, groups: Sequence[str]) -> dict:
         members.setdefault(str(g), []).append(i)
     return {"all": one(list(range(len(groups)))), **{g: one(idx) for g, idx in sorted(members.items())}}
 
+
+
+def arithmetic_audit(texts: Sequence[str], solved: Sequence[bool]) -> dict[str, float | int | None]:
+    """Of the steps "a op b = c" written in `<think>` (`rewards.think_arithmetic`), how many are right:
+    `steps_written`, `steps_correct`, `step_accuracy` (None when none is written), `with_steps` (the
+    fraction of completions that write any), and of the solved completions that write steps, the
+    fraction whose every step is right (`solved_sound`, None when there is none): an answer graded
+    right above reasoning that is nonsense is what answer-only rewards cannot see."""
+    if len(texts) != len(solved):
+        raise ValueError(f"{len(texts)} texts and {len(solved)} outcomes")
+    steps = [think_arithmetic(t) for t in texts]  # [(correct, written)] per completion
+    written, correct = sum(w for _, w in steps), sum(c for c, _ in steps)
+    solved_with_steps = [c == w for (c, w), ok in zip(steps, solved) if ok and w]
+    return {"steps_written": written, "steps_correct": correct,
+            "step_accuracy": correct / written if written else None,
+            "with_steps": sum(w > 0 for _, w in steps) / len(texts) if texts else None,
+            "solved_sound": sum(solved_with_steps) / len(solved_with_steps) if solved_with_steps else None}
+
+
+def kl_estimates(logprobs: torch.Tensor, other_logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """KL(policy || other) per token, from completions sampled from the policy at temperature 1.0.
+
+    Args:
+        logprobs: [B, T] log p_policy of each sampled token.
+        other_logprobs: [B, T] log p_other of the same tokens.
+        mask: [B, T] 1 for real completion tokens, 0 for padding.
+
+    Returns `k1`, the mean of log p - log q (unbiased for the per-token KL, any sign per token), `k3`,
+    the mean of exp(q - p) - (q - p) - 1 (unbiased too, never negative: the estimator the GRPO loss
+    uses), `tokens` and `sequences`.
+    """
+    if not (logprobs.shape == other_logprobs.shape == mask.shape):
+        raise ValueError(f"shapes differ: {tuple(logprobs.shape)}, {tuple(other_logprobs.shape)}, {tuple(mask.shape)}")
+    m = mask.to(torch.float64)
+    d = (other_logprobs.double() - logprobs.double()) * m  # [B, T] log q - log p on real tokens
+    tokens = float(m.sum())
+    if tokens == 0:
+        raise ValueError("no completion tokens to estimate a KL on")
+    k3 = (torch.exp(d) - d - 1) * m  # [B, T]
+    return {"k1": float(-d.sum() / tokens), "k3": float(k3.sum() / tokens), "tokens": int(tokens),
+            "sequences": int(mask.shape[0])}

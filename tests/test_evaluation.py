@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from minigrpo import Config
-from minigrpo.evaluation import evaluate, greedy_sampling
+from minigrpo.evaluation import arithmetic_audit, evaluate, greedy_sampling
 from minigrpo.rewards import Reward
 from minigrpo.runlog import before_after, eval_line
 
@@ -67,6 +67,40 @@ def test_evaluate_refuses_a_reward_named_like_its_own_figures():
 
 
 @pytest.mark.slow
+def test_arithmetic_audit_counts_written_steps_and_sound_solutions():
+    """Hand-made completions: 5 steps written, 3 right; of the 2 solved ones that write steps, one
+    has every step right; one completion writes none."""
+    texts = [" 48 - 39 = 9, 9 + 31 = 40.</think>\n<answer>48 - 39 + 31</answer>",   # solved, 2/2 right
+             " 48 - 39 = -75, 31 * -75 = 40.</think>\n<answer>31 - 39 + 48</answer>",  # solved, 0/2 right
+             " I guess.</think>\n<answer>1 + 2</answer>",                             # no steps
+             " 6 / 3 = 2.</think>\n<answer>6 / 3</answer>"]                           # unsolved, 1/1 right
+    audit = arithmetic_audit(texts, [True, True, False, False])
+    assert audit == {"steps_written": 5, "steps_correct": 3, "step_accuracy": 0.6, "with_steps": 0.75,
+                     "solved_sound": 0.5}
+    assert arithmetic_audit([" no steps</think>"], [True])["step_accuracy"] is None
+    with pytest.raises(ValueError, match="2 texts and 1 outcomes"):
+        arithmetic_audit(["a", "b"], [True])
+
+
+def test_kl_estimates_on_hand_computed_log_probs():
+    """Two sequences, 3 real tokens: log q - log p = -0.5, +1 (first) and 0 (second); padding ignored."""
+    import math
+
+    import torch
+
+    from minigrpo.evaluation import kl_estimates
+
+    p = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]])
+    q = torch.tensor([[-1.5, -1.0, 7.0], [-0.5, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    kl = kl_estimates(p, q, mask)
+    assert kl["k1"] == pytest.approx((0.5 - 1.0 + 0.0) / 3)
+    assert kl["k3"] == pytest.approx((math.exp(-0.5) + 0.5 - 1 + math.exp(1) - 1 - 1) / 3)
+    assert (kl["tokens"], kl["sequences"]) == (3, 2)
+    with pytest.raises(ValueError, match="no completion tokens"):
+        kl_estimates(p, q, torch.zeros(2, 3))
+
+
 def test_evaluate_countdown_reports_a_tier_per_number_count_with_and_without_stop(model_path, tmp_path):
     """examples/evaluate_countdown.py on the real default model with vLLM: an easy tier (2-3 numbers
     in 1..20), per number count, both generations (the greedy completions with the stop string
@@ -97,12 +131,19 @@ def test_evaluate_countdown_reports_a_tier_per_number_count_with_and_without_sto
             for key in ("success", "format", "pass@8"):
                 assert row[key]["low"] <= row[key]["rate"] <= row[key]["high"], (name, key, row[key])
         assert r["summary"]["all"]["success"]["tasks"] == 12
+        # the greedy completions are kept, and their <think> arithmetic audited from them
+        assert len(r["texts"]) == 12
+        assert r["think_arithmetic"] == arithmetic_audit(r["texts"], r["outcomes"]["success"])
+    assert "<think> arithmetic:" in proc.stdout
 
     # --compare with that result: the same model on the same tasks differs by exactly 0
     again = tmp_path / "again.json"
     proc = subprocess.run([*cmd[:cmd.index("--json")], "--json", str(again), *cmd[cmd.index("--json") + 2:],
-                           "--compare", str(out), "--stop", "without"], capture_output=True, text=True, timeout=900)
+                           "--compare", str(out), "--stop", "without", "--kl-to", str(model_path)],
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    kl = json.loads(again.read_text())["kl_to"]  # a model against itself: exactly 0 on its own samples
+    assert (kl["k1"], kl["k3"], kl["sequences"]) == (0.0, 0.0, 12) and 12 <= kl["tokens"] <= 12 * 48
     paired = json.loads(again.read_text())["without_stop"]["paired"]
     assert set(paired) == {"success", "pass@8"}
     for d in paired.values():  # pass@8's samples are seeded: the same both times

@@ -438,3 +438,27 @@ def test_closeness_reward_is_one_exactly_where_the_value_is_the_target():
     close = closeness_reward(completions, target=[17, 17, 17, 12], nums=[[3, 4, 5]] * 4)
     exact = equation_reward(completions, target=[17, 17, 17, 12], nums=[[3, 4, 5]] * 4)
     assert [c == 1.0 for c in close] == [e == 1.0 for e in exact] == [True, False, False, True]
+
+
+@pytest.mark.parametrize("think, expected, why", [
+    (" 48 - 39 = 9, 9 + 31 = 40.", (2, 2), "the warm-up's chain of steps, both right"),
+    (" 48 - 39 = -75, 31 * -75 = 400.", (0, 2), "the drift seen after GRPO: steps that are nonsense"),
+    (" 39 - 48 = -9, 31 - -9 = 40.", (2, 2), "negative operands and results"),
+    (" 8 / 2 = 4, 7 / 2 = 3, 5 / 0 = 0.", (1, 3), "division is exact; by zero is wrong"),
+    (" I try (6 + 9) * 2 and see.", (0, 0), "no step written"),
+    ("12+30=42", (1, 1), "without spaces"),
+])
+def test_think_arithmetic_hand_cases(think, expected, why):
+    from minigrpo.rewards import think_arithmetic, think_arithmetic_reward
+
+    completion = think + "</think>\n<answer>1 + 2 = 99</answer> 2 + 2 = 5"  # after </think>: not read
+    assert think_arithmetic(completion) == expected, why
+    correct, written = expected
+    assert think_arithmetic_reward([completion]) == [correct / written if written else 0.0]
+
+
+def test_think_arithmetic_reads_the_reply_of_a_conversational_completion():
+    from minigrpo.rewards import think_arithmetic
+
+    reply = [{"role": "assistant", "content": "Let me see. <think>2 + 2 = 5, 3 * 3 = 9</think>"}]
+    assert think_arithmetic(reply) == (1, 2)

@@ -15,6 +15,8 @@ from minigrpo.rewards.countdown import (
     is_well_formatted,
     numbers_reward,
     tag_reward,
+    think_arithmetic,
+    think_arithmetic_reward,
 )
 from minigrpo.rewards.expression import InvalidExpression, evaluate_answer
 from minigrpo.rewards.isolation import RewardError
@@ -47,5 +49,7 @@ __all__ = [
     "repeat_columns",
     "score_completions",
     "tag_reward",
+    "think_arithmetic",
+    "think_arithmetic_reward",
     "trl_prompts_and_completions",
 ]

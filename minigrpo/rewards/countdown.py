@@ -206,6 +206,44 @@ def closeness_reward(completions: list, target: Sequence, nums: Sequence, **colu
     return scores
 
 
+# One written step of reasoning, "a op b = c" (the warm-up's solutions are chains of them:
+# "48 - 39 = 9, 9 + 31 = 40"); operands may be negative ("31 - -27 = 58"). No nested quantifiers: a
+# hostile megabyte is scanned in linear time.
+_STEP = re.compile(r"(?<![0-9])(-?[0-9]+) *([-+*/]) *(-?[0-9]+) *= *(-?[0-9]+)")
+_APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+def think_arithmetic(completion: str | Sequence[dict]) -> tuple[int, int]:
+    """(correct, written): the steps "a op b = c" written before `</think>` (the whole text when it
+    never closes) and how many of them are right, exactly (`7 / 2 = 3` is wrong). An audit: GRPO grades
+    only the answer, so the arithmetic in the reasoning may drift into nonsense while answers improve.
+
+    >>> think_arithmetic(" 48 - 39 = 9, 9 + 31 = 41.</think> <answer>48 - 39 + 31</answer>")
+    (1, 2)
+    """
+    text = completion_text(completion).split(THINK_CLOSE)[0]
+    correct = written = 0
+    for a, op, b, c in _STEP.findall(text):
+        a, b, c = int(a), int(b), int(c)
+        written += 1
+        if op == "/":
+            correct += b != 0 and a == b * c
+        else:
+            correct += _APPLY[op](a, b) == c
+    return correct, written
+
+
+def think_arithmetic_reward(completions: list, **columns) -> list[float]:
+    """The fraction of the arithmetic steps written in `<think>` that are right (`think_arithmetic`);
+    0.0 when none is written. With weight 0 it is an audit curve beside the success rate; with a weight
+    it makes the reasoning's arithmetic part of what GRPO optimizes. Ignores the dataset columns."""
+    scores = []
+    for c in completions:
+        correct, written = think_arithmetic(c)
+        scores.append(correct / written if written else 0.0)
+    return scores
+
+
 def _check_aligned(name: str, completions: list, **columns: Sequence) -> None:
     """A data error (columns not aligned with the completions) must raise, not score 0."""
     for key, column in columns.items():

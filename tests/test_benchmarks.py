@@ -1,0 +1,96 @@
+"""The learning benchmark against TRL compares like with like: TRL's side gets minigrpo's prompts in
+minigrpo's order and every recipe setting it has a counterpart for, and a recipe with a setting TRL's
+side would not get is refused. (The benchmark itself runs for an hour: benchmarks/learning_vs_trl.py.)"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+
+from minigrpo import Config
+from minigrpo.batching import prompt_indices
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import learning_vs_trl  # noqa: E402
+from vs_trl import in_minigrpo_order  # noqa: E402
+
+
+def test_trl_reads_minigrpo_prompts_in_minigrpo_order_across_epochs(tokenizer):
+    """5 tasks, 2 prompts per step, 4 steps: position k of TRL's unshuffled rows is the prompt
+    minigrpo trains on at position k, the second epoch drawn from its own permutation (seed + 1)."""
+    train = Dataset.from_dict({"nums": [[i, i + 1] for i in range(5)], "target": [10 + i for i in range(5)]})
+    rows = in_minigrpo_order(train, tokenizer, prompts_per_step=2, steps=4, seed=3)
+    expected = [i for s in range(4) for i in prompt_indices(2 * s, 5, 2, 3, 0, 1)]
+    assert len(rows) == 8 and rows["target"] == [10 + i for i in expected]
+    assert sorted(expected[:5]) == [0, 1, 2, 3, 4]  # the first epoch is a permutation of all 5 tasks
+    assert len(set(expected[5:])) == 3  # the second epoch's first 3, from another permutation
+    assert all(r["prompt"].rstrip().endswith("<think>") and str(r["target"]) in r["prompt"] for r in rows)
+
+
+def test_trl_side_gets_every_matched_setting_of_the_recipe(tmp_path):
+    cfg = Config.load(str(learning_vs_trl.RECIPE))
+    learning_vs_trl.check_matched(cfg)  # the shipped recipe is comparable as it is
+    s = learning_vs_trl.trl_settings(cfg, "START", tmp_path, steps=20, threads=2)
+    assert {k: s[k] for k in learning_vs_trl.MATCHED} == {k: getattr(cfg, k) for k in learning_vs_trl.MATCHED}
+    assert (s["reward_weights"], s["learning_rate"], s["temperature"]) == ([0.0, 1.0, 1.0, 0.5, 2.0], 2e-5, 0.7)
+    assert s["save_steps"] == 10 and s["steps"] == 20 and s["model_path"] == "START"
+    trl = pytest.importorskip("trl")  # the pinned bench extra: each passed setting is a GRPOConfig field
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _trl_side
+
+    fields = set(trl.GRPOConfig.__dataclass_fields__)
+    assert {_trl_side.RENAMED.get(k, k) for k in _trl_side.OPTIONAL} <= fields
+
+
+@pytest.mark.parametrize("override, name", [("dynamic_sampling=true", "dynamic_sampling"),
+                                            ("num_iterations=2", "num_iterations"),
+                                            ("rollout_correction=token_truncate", "rollout_correction"),
+                                            ("stop=[</answer>]", "stop")])
+def test_a_setting_trl_side_would_not_get_is_refused(override, name):
+    cfg = Config.load(str(learning_vs_trl.RECIPE), [override])
+    with pytest.raises(SystemExit, match=f"'{name}'"):
+        learning_vs_trl.check_matched(cfg)
+
+
+def _eval_file(path, solved, k=8, pass_k=None, kl=None):
+    from minigrpo.evaluation import rate
+
+    outcomes = {"success": solved, "format": [True] * len(solved), f"pass@{k}": pass_k}
+    summary = {"success": rate(solved), **({f"pass@{k}": rate(pass_k)} if pass_k else {})}
+    data = {"without_stop": {"summary": {"all": summary}, "outcomes": outcomes, "completion_length_mean": 50.0,
+                             "think_arithmetic": {"steps_correct": 3, "steps_written": 4, "solved_sound": 0.5}}}
+    if kl:
+        data["kl_to"] = kl
+    path.write_text(json.dumps(data))
+
+
+def test_the_table_is_built_from_the_files_each_stage_left(tmp_path, capsys):
+    """Hand-made stage files, 10 tasks: the start solves 2; minigrpo's end 6 (tasks 0-5), TRL's end 4
+    (tasks 0-1, 6-7): gains +0.4 and +0.2, TRL's minus ours -0.2 (2 tasks only TRL solves, 4 only ours)."""
+    out, n = tmp_path, 10
+    solved = lambda idx: [i in idx for i in range(n)]  # noqa: E731
+    _eval_file(out / "eval-start.json", solved({0, 1}))
+    for side in ("minigrpo", "trl"):
+        _eval_file(out / f"eval-mid-{side}.json", solved({0, 1, 2}))
+    _eval_file(out / "eval-end-minigrpo.json", solved({0, 1, 2, 3, 4, 5}), pass_k=solved(set(range(8))),
+               kl={"k1": 0.01, "k3": 0.02})
+    _eval_file(out / "eval-end-trl.json", solved({0, 1, 6, 7}), pass_k=solved(set(range(7))), kl={"k1": 0.03, "k3": 0.04})
+    (out / "minigrpo").mkdir()
+    rows = [{"step": 0, "eval/tasks": 5.0}] + [{"step": s, "time/step": 10.0, "batch/completions": 32.0} for s in (1, 2, 3, 4)]
+    (out / "minigrpo" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (out / "trl.json").write_text(json.dumps({"steps": [{"step": s, "seconds": 25.0} for s in (1, 2, 3, 4)]}))
+    (out / "trl_settings.json").write_text(json.dumps({"prompts_per_step": 4, "num_generations": 8}))
+
+    table = learning_vs_trl.report(out, steps=4, k=8)
+    gap = table["paired"]["TRL gain - minigrpo gain, success"]
+    assert (gap["difference"], gap["only_a"], gap["only_b"]) == (pytest.approx(-0.2), 4, 2)
+    assert table["paired"]["minigrpo end - start, success"]["difference"] == pytest.approx(0.4)
+    assert table["paired"]["TRL gain - minigrpo gain, pass@8"]["difference"] == pytest.approx(-0.1)
+    assert table["step_seconds_total"] == {"minigrpo": 40.0, "trl": 100.0}
+    assert table["audit"]["end-trl"]["kl_to_start"] == {"k1": 0.03, "k3": 0.04}
+    printed = capsys.readouterr().out
+    assert "TRL / minigrpo: 2.50x" in printed and "64/64" in printed and "3/4" in printed
