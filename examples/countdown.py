@@ -20,11 +20,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from minigrpo import Config, train  # noqa: E402
 from minigrpo.data import R1_COUNTDOWN, load_recipe_tasks  # noqa: E402
-from minigrpo.rewards import closeness_reward, equation_reward, format_reward, numbers_reward, tag_reward  # noqa: E402
+from minigrpo.rewards import (  # noqa: E402
+    closeness_reward,
+    equation_reward,
+    format_reward,
+    numbers_reward,
+    tag_reward,
+    think_arithmetic_reward,
+)
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "countdown_cpu.yaml"
 # the recipe's `rewards` names: the strict ones, and the shaping ones for small models
-COUNTDOWN_REWARDS = {f.__name__: f for f in (format_reward, equation_reward, tag_reward, numbers_reward, closeness_reward)}
+COUNTDOWN_REWARDS = {f.__name__: f for f in (format_reward, equation_reward, tag_reward, numbers_reward, closeness_reward,
+                                             think_arithmetic_reward)}
 
 
 def load_config(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
