@@ -83,6 +83,52 @@ def phases(prof: dict[str, float], step_s: float, reward_names: list[str]) -> di
             "train": step_s - prepare, "push": push}
 
 
+def grpo_config_kwargs(settings: dict, use_vllm: bool) -> dict:
+    """GRPOConfig's arguments for these settings (a pure function, so a test can check the mapping
+    without TRL installed)."""
+    P, G = settings["prompts_per_step"], settings["num_generations"]
+    saving = "save_steps" in settings
+    return dict(
+        output_dir=settings["output_dir"],
+        # One optimizer step = P prompts x G generations: TRL counts batches in completions, and
+        # generates once per optimizer step a batch of per_device_train_batch_size x
+        # gradient_accumulation_steps (steps_per_generation defaults to the accumulation steps)
+        # completions, trained in gradient_accumulation_steps micro-batches, as minigrpo does.
+        per_device_train_batch_size=P * G // settings["gradient_accumulation_steps"],
+        gradient_accumulation_steps=settings["gradient_accumulation_steps"],
+        num_generations=G,
+        max_completion_length=settings["max_completion_length"],
+        beta=settings["beta"],
+        learning_rate=settings["learning_rate"],
+        temperature=settings["temperature"],
+        loss_type=settings["loss_type"],  # TRL's default is "dapo"; minigrpo's is "grpo"
+        num_iterations=1,
+        max_steps=settings["steps"],
+        shuffle_dataset=False,
+        seed=settings["seed"],
+        bf16=False,
+        use_cpu=True,
+        model_init_kwargs={"dtype": "float32"},  # minigrpo's dtype here; said, not left to "auto"
+        gradient_checkpointing=False,
+        logging_steps=1,
+        report_to=[],
+        # The model alone (weights, config, tokenizer) every save_steps, for the evaluator: no
+        # optimizer state, so a TRL side that stopped early is rerun from its start.
+        save_strategy="steps" if saving else "no",
+        save_only_model=saving,
+        use_vllm=use_vllm,
+        vllm_mode="colocate",
+        # Off so that both sides do the same work: on (TRL's default), TRL runs one more no-grad
+        # forward of the policy over the batch to reweight by the vLLM/trainer probability ratio,
+        # which minigrpo does not do by default (rollout_correction: none; it logs the gap as
+        # `logprob_gap` instead).
+        vllm_importance_sampling_correction=False,
+        vllm_gpu_memory_utilization=settings["vllm_gpu_memory_utilization"],
+        vllm_max_model_length=settings["max_prompt_length"] + settings["max_completion_length"],
+        **{RENAMED.get(k, k): settings[k] for k in OPTIONAL if k in settings},
+    )
+
+
 def main() -> None:
     settings = json.loads(Path(sys.argv[1]).read_text())
     result_path = Path(sys.argv[2])
@@ -110,47 +156,7 @@ def main() -> None:
     train = datasets.Dataset.from_json(settings["prompts_file"])
     reward_funcs = [getattr(rewards, name) for name in settings["rewards"]]
 
-    P, G = settings["prompts_per_step"], settings["num_generations"]
-    saving = "save_steps" in settings
-    args = GRPOConfig(
-        output_dir=settings["output_dir"],
-        # One optimizer step = P prompts x G generations: TRL counts batches in completions, and
-        # generates once per optimizer step a batch of per_device_train_batch_size x
-        # gradient_accumulation_steps (steps_per_generation defaults to the accumulation steps)
-        # completions, trained in gradient_accumulation_steps micro-batches, as minigrpo does.
-        per_device_train_batch_size=P * G // settings["gradient_accumulation_steps"],
-        gradient_accumulation_steps=settings["gradient_accumulation_steps"],
-        num_generations=G,
-        max_completion_length=settings["max_completion_length"],
-        beta=settings["beta"],
-        learning_rate=settings["learning_rate"],
-        temperature=settings["temperature"],
-        loss_type=settings["loss_type"],  # TRL's default is "dapo"; minigrpo's is "grpo"
-        num_iterations=1,
-        max_steps=settings["steps"],
-        shuffle_dataset=False,
-        seed=settings["seed"],
-        bf16=False,
-        use_cpu=True,
-        model_init_kwargs={"dtype": torch.float32},  # as minigrpo's dtype: float32
-        gradient_checkpointing=False,
-        logging_steps=1,
-        report_to=[],
-        # The model alone (weights, config, tokenizer) every save_steps, for the evaluator: no
-        # optimizer state, so a TRL side that stopped early is rerun from its start.
-        save_strategy="steps" if saving else "no",
-        save_only_model=saving,
-        use_vllm=use_vllm,
-        vllm_mode="colocate",
-        # Off so that both sides do the same work: on (TRL's default), TRL runs one more no-grad
-        # forward of the policy over the batch to reweight by the vLLM/trainer probability ratio,
-        # which minigrpo does not do by default (rollout_correction: none; it logs the gap as
-        # `logprob_gap` instead).
-        vllm_importance_sampling_correction=False,
-        vllm_gpu_memory_utilization=settings["vllm_gpu_memory_utilization"],
-        vllm_max_model_length=settings["max_prompt_length"] + settings["max_completion_length"],
-        **{RENAMED.get(k, k): settings[k] for k in OPTIONAL if k in settings},
-    )
+    args = GRPOConfig(**grpo_config_kwargs(settings, use_vllm))
 
     steps: list[dict] = []
 

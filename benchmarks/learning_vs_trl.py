@@ -33,6 +33,7 @@ redo it. The table is printed again from the files at the end.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -51,25 +52,32 @@ LABELS = {"minigrpo": "minigrpo (vLLM)", "trl": "TRL (vLLM colocate)"}
 # Environment of every process, as vs_trl.py (OMP_WAIT_POLICY=PASSIVE: see ENVIRONMENT.md).
 ENV = {"OMP_WAIT_POLICY": "PASSIVE", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "DS_ACCELERATOR": "cpu",
        "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-# Recipe settings passed to TRL's GRPOConfig under the same name (see _trl_side.py).
+# Recipe settings TRL's side gets (_trl_side.grpo_config_kwargs maps them onto GRPOConfig; the
+# prompt settings shape the prompts file and vLLM's model length).
 MATCHED = ("prompts_per_step", "num_generations", "gradient_accumulation_steps", "max_prompt_length",
            "max_completion_length", "beta", "temperature", "top_p", "top_k", "learning_rate",
            "lr_scheduler_type", "warmup_ratio", "max_grad_norm", "adam_beta1", "adam_beta2", "weight_decay",
            "loss_type", "scale_rewards", "epsilon", "seed", "rewards", "reward_weights")
-# Recipe settings whose TRL counterpart this benchmark does not set: the recipe must leave each at
-# the value TRL's setup here also has, or the comparison would not be like for like.
+# Recipe settings whose TRL counterpart this benchmark does not set, or sets with other semantics:
+# the recipe must leave each at the value where both sides agree, or the comparison would not be like
+# for like. warmup_ratio: HF ramps from lr 0 (step / w) and its "constant" ignores warmup, minigrpo
+# ramps (s + 1) / (w + 1). weight_decay: HF exempts biases and norms, minigrpo decays every parameter.
 UNMATCHED = {"num_iterations": 1, "dynamic_sampling": False, "rollout_correction": "none",
              "entropy_coef": 0.0, "importance_sampling_level": "token", "epsilon_high": None,
              "advantage_eps": 1e-4, "stop": [], "lora_rank": 0, "dtype": "float32", "rollout": "vllm",
-             "deepspeed": None}
+             "deepspeed": None, "warmup_ratio": 0.0, "weight_decay": 0.0}
+# Loss types both normalize alike: "bnpo" is per micro-batch in TRL 1.16, per step in minigrpo.
+SAME_LOSS = ("grpo", "dr_grpo")
 
 
 def check_matched(cfg) -> None:
-    """Refuse a recipe with a setting TRL's side would not get (see UNMATCHED)."""
+    """Refuse a recipe with a setting TRL's side would not get alike (see UNMATCHED, SAME_LOSS)."""
     wrong = {k: getattr(cfg, k) for k, v in UNMATCHED.items() if getattr(cfg, k) != v}
+    if cfg.loss_type not in SAME_LOSS:
+        wrong["loss_type"] = cfg.loss_type
     if wrong:
-        raise SystemExit(f"learning_vs_trl: the recipe sets {wrong}, which TRL's side does not get; "
-                         f"this benchmark compares only at {dict((k, UNMATCHED[k]) for k in wrong)}")
+        raise SystemExit(f"learning_vs_trl: the recipe sets {wrong}, which TRL's side does not get alike; "
+                         f"this benchmark compares only at {UNMATCHED} with loss_type in {SAME_LOSS}")
 
 
 def trl_settings(cfg, start: str, out: Path, steps: int, threads: int) -> dict:
@@ -91,6 +99,19 @@ def checkpoint(side: str, out: Path, step: int) -> Path:
 
 
 # ------------------------------------------------------------------------------------- stages
+
+
+def check_manifest(out: Path, identity: dict) -> None:
+    """The stage files in `out` belong to one run: refuse to mix them with another's settings."""
+    path = out / "run.json"
+    if path.exists():
+        earlier = json.loads(path.read_text())
+        if earlier != identity:
+            changed = {k: (earlier.get(k), v) for k, v in identity.items() if earlier.get(k) != v}
+            raise SystemExit(f"learning_vs_trl: {out} holds a run with other settings {changed} (was, now); "
+                             f"use another --out or delete it")
+    else:
+        path.write_text(json.dumps(identity, indent=1))
 
 
 def run(cmd: list[str], log: Path, threads: int) -> None:
@@ -169,61 +190,31 @@ def step_times(side: str, out: Path) -> list[dict]:
     return [{"step": s["step"], "seconds": s["seconds"], "completions": per_step} for s in res["steps"]]
 
 
+def _load(out: Path, name: str) -> dict:
+    return json.loads((out / f"eval-{name}.json").read_text())
+
+
+def _cell(e: dict, key: str = "success") -> str:
+    s = e["summary"]["all"][key]
+    return f"{s['rate']:.3f} [{s['low']:.3f}, {s['high']:.3f}]"
+
+
+def _frac(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def report(out: Path, steps: int, k: int) -> dict:
-    from minigrpo.stats import paired_difference
-
-    def load(name: str) -> dict:
-        return json.loads((out / f"eval-{name}.json").read_text())["without_stop"]
-
-    def cell(e: dict, key: str = "success") -> str:
-        s = e["summary"]["all"][key]
-        return f"{s['rate']:.3f} [{s['low']:.3f}, {s['high']:.3f}]"
-
-    start, mid = load("start"), steps // 2
+    """Print the benchmark's tables from the stage files in `out`; return them as a dict."""
+    table = {"start": _load(out, "start")["without_stop"]["summary"]["all"]}
     timing = {side: step_times(side, out) for side in SIDES}
-    print(f"\n== held-out greedy success, {TASKS} ({start['summary']['all']['success']['tasks']} tasks), "
-          f"95% Wilson intervals; seconds per step ==")
-    print(f"  {'step':>4s}  {'minigrpo':>24s}  {'TRL':>24s}  {'completions':>11s}  {'s/step mg':>9s}  {'s/step TRL':>10s}")
-    print(f"  {0:>4d}  {cell(start):>24s}  {cell(start):>24s}  {0:>11d}  {'':>9s}  {'':>10s}")
-    table = {"start": start["summary"]["all"]}
-    for step, name in ((mid, "mid"), (steps, "end")):
-        e = {side: load(f"{name}-{side}") for side in SIDES}
-        secs = {side: [t["seconds"] for t in timing[side] if t["step"] <= step] for side in SIDES}
-        done = sum(t["completions"] for t in timing["minigrpo"] if t["step"] <= step)
-        done_trl = sum(t["completions"] for t in timing["trl"] if t["step"] <= step)
-        print(f"  {step:>4d}  {cell(e['minigrpo']):>24s}  {cell(e['trl']):>24s}  {done:>5.0f}/{done_trl:<5.0f}  "
-              f"{sum(secs['minigrpo']) / len(secs['minigrpo']):>9.1f}  {sum(secs['trl']) / len(secs['trl']):>10.1f}")
-        table[name] = {side: e[side]["summary"]["all"] for side in SIDES}
-    print("  (completions: minigrpo/TRL, generated up to that step; s/step: mean over steps 1..step)")
-
-    end = {side: load(f"end-{side}") for side in SIDES}
-    print(f"\n== gains on the same {TASKS} tasks: paired difference [95% bootstrap], McNemar p ==")
-    table["paired"] = {}
-    for name, a, b in (("minigrpo end - start", end["minigrpo"], start), ("TRL end - start", end["trl"], start),
-                       ("TRL gain - minigrpo gain", end["trl"], end["minigrpo"])):
-        keys = ["success"] + [key for key in (f"pass@{k}",) if a["outcomes"].get(key) and b["outcomes"].get(key)]
-        for key in keys:
-            d = paired_difference(b["outcomes"][key], a["outcomes"][key])  # a's rate minus b's
-            table["paired"][f"{name}, {key}"] = d
-            print(f"  {name:26s} {key:8s} {d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]  "
-                  f"p {d['mcnemar_p']:.2g}  ({d['only_b']} tasks solved only by the first, {d['only_a']} only by "
-                  f"the second)")
-    print("\n== audit beside the gain: greedy length, <think> arithmetic, KL to the start (per token, nats) ==")
-    print(f"  {'evaluation':18s} {'length':>6s} {'steps right':>14s} {'solved, sound':>13s} {'KL k3':>7s} {'KL k1':>7s}")
-    table["audit"] = {}
-    for name in ("start", *(f"{when}-{side}" for when in ("mid", "end") for side in SIDES)):
-        full = json.loads((out / f"eval-{name}.json").read_text())
-        e, kl = full["without_stop"], full.get("kl_to", {})
-        a = e.get("think_arithmetic", {})
-        table["audit"][name] = {"length": e["completion_length_mean"], **a, "kl_to_start": kl}
-        frac = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-        right = f"{a['steps_correct']}/{a['steps_written']}" if a else "-"
-        print(f"  {name:18s} {e['completion_length_mean']:6.1f} {right:>14s} {frac(a.get('solved_sound')):>13s} "
-              f"{frac(kl.get('k3')):>7s} {frac(kl.get('k1')):>7s}")
+    table.update(_success_table(out, steps, timing))
+    table["paired"] = _paired_block(out, steps, k)
+    table["audit"] = _audit_block(out)
+    end = {side: _load(out, f"end-{side}")["without_stop"] for side in SIDES}
     if f"pass@{k}" in end["trl"]["summary"]["all"]:
         print(f"\n== pass@{k} at the end (temperature 1.0) ==")
         for side in SIDES:
-            print(f"  {LABELS[side]:22s} {cell(end[side], f'pass@{k}')}")
+            print(f"  {LABELS[side]:22s} {_cell(end[side], f'pass@{k}')}")
     walls = {side: sum(t["seconds"] for t in timing[side]) for side in SIDES}
     print(f"\n== training time, {steps} steps (sum of step times) ==")
     for side in SIDES:
@@ -231,6 +222,62 @@ def report(out: Path, steps: int, k: int) -> dict:
     print(f"  TRL / minigrpo: {walls['trl'] / walls['minigrpo']:.2f}x")
     table["step_seconds_total"] = walls
     return table
+
+
+def _success_table(out: Path, steps: int, timing: dict) -> dict:
+    """Step, greedy success per side with its interval, completions generated, seconds per step."""
+    start = _load(out, "start")["without_stop"]
+    print(f"\n== held-out greedy success, {TASKS} ({start['summary']['all']['success']['tasks']} tasks), "
+          f"95% Wilson intervals; seconds per step ==")
+    print(f"  {'step':>4s}  {'minigrpo':>24s}  {'TRL':>24s}  {'completions':>11s}  {'s/step mg':>9s}  {'s/step TRL':>10s}")
+    print(f"  {0:>4d}  {_cell(start):>24s}  {_cell(start):>24s}  {0:>11d}  {'':>9s}  {'':>10s}")
+    rows = {}
+    for step, name in ((steps // 2, "mid"), (steps, "end")):
+        e = {side: _load(out, f"{name}-{side}")["without_stop"] for side in SIDES}
+        upto = {side: [t for t in timing[side] if t["step"] <= step] for side in SIDES}
+        done = {side: sum(t["completions"] for t in upto[side]) for side in SIDES}
+        secs = {side: sum(t["seconds"] for t in upto[side]) / len(upto[side]) for side in SIDES}
+        print(f"  {step:>4d}  {_cell(e['minigrpo']):>24s}  {_cell(e['trl']):>24s}  "
+              f"{done['minigrpo']:>5.0f}/{done['trl']:<5.0f}  {secs['minigrpo']:>9.1f}  {secs['trl']:>10.1f}")
+        rows[name] = {side: e[side]["summary"]["all"] for side in SIDES}
+    print("  (completions: minigrpo/TRL, generated up to that step; s/step: mean over steps 1..step)")
+    return rows
+
+
+def _paired_block(out: Path, steps: int, k: int) -> dict:
+    """Each side's gain over the start, and TRL's minus ours at the middle and the end, paired per task."""
+    from minigrpo.stats import paired_difference
+
+    e = {name: _load(out, name)["without_stop"] for name in
+         ("start", "mid-minigrpo", "mid-trl", "end-minigrpo", "end-trl")}
+    print(f"\n== gains on the same {TASKS} tasks: paired difference [95% bootstrap], McNemar p ==")
+    rows = {}
+    for name, a, b in (("minigrpo end - start", "end-minigrpo", "start"), ("TRL end - start", "end-trl", "start"),
+                       (f"TRL - minigrpo, step {steps // 2}", "mid-trl", "mid-minigrpo"),
+                       ("TRL gain - minigrpo gain", "end-trl", "end-minigrpo")):
+        oa, ob = e[a]["outcomes"], e[b]["outcomes"]
+        for key in ["success"] + [key for key in (f"pass@{k}",) if oa.get(key) and ob.get(key)]:
+            d = paired_difference(ob[key], oa[key])  # a's rate minus b's
+            rows[f"{name}, {key}"] = d
+            print(f"  {name:26s} {key:8s} {d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]  "
+                  f"p {d['mcnemar_p']:.2g}  ({d['only_b']} tasks solved only by the first, {d['only_a']} only by "
+                  f"the second)")
+    return rows
+
+
+def _audit_block(out: Path) -> dict:
+    """Beside the gain: greedy length, the <think> arithmetic, KL to the start (end evaluations)."""
+    print("\n== audit beside the gain: greedy length, <think> arithmetic, KL to the start (per token, nats) ==")
+    print(f"  {'evaluation':18s} {'length':>6s} {'steps right':>14s} {'solved, sound':>13s} {'KL k3':>7s} {'KL k1':>7s}")
+    rows = {}
+    for name in ("start", *(f"{when}-{side}" for when in ("mid", "end") for side in SIDES)):
+        full = _load(out, name)
+        e, kl, a = full["without_stop"], full.get("kl_to", {}), full["without_stop"].get("think_arithmetic", {})
+        rows[name] = {"length": e["completion_length_mean"], **a, "kl_to_start": kl}
+        right = f"{a['steps_correct']}/{a['steps_written']}" if a else "-"
+        print(f"  {name:18s} {e['completion_length_mean']:6.1f} {right:>14s} {_frac(a.get('solved_sound')):>13s} "
+              f"{_frac(kl.get('k3')):>7s} {_frac(kl.get('k1')):>7s}")
+    return rows
 
 
 def main() -> None:
@@ -252,9 +299,11 @@ def main() -> None:
     steps = args.steps or cfg.max_steps
     if steps < 2 or args.k < 0:
         p.error("--steps must be >= 2 (a middle and an end) and --k >= 0")
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the stages run with the repository as their directory
     out.mkdir(parents=True, exist_ok=True)
     start = str(Path(args.start).resolve())
+    check_manifest(out, {"steps": steps, "k": args.k, "start": start,
+                         "recipe_sha256": hashlib.sha256(RECIPE.read_bytes()).hexdigest()})
     if not (Path(start) / "config.json").exists():
         if Path(args.start) != Path(p.get_default("start")):
             p.error(f"--start {args.start}: no model there")

@@ -105,7 +105,7 @@ def run_minigrpo(settings: dict, result_path: Path) -> None:
 
     from minigrpo import Config, train
     from minigrpo.data import R1_COUNTDOWN, load_countdown
-    from minigrpo.rewards import equation_reward, format_reward
+    from minigrpo import rewards
 
     t_start = time.perf_counter()
     torch.set_num_threads(settings["threads"])
@@ -116,7 +116,8 @@ def run_minigrpo(settings: dict, result_path: Path) -> None:
     cfg = Config(model=settings["model_path"], output_dir=str(run_dir), max_steps=settings["steps"],
                  rollout="vllm", num_iterations=1, eval_num_samples=0, **{k: settings[k] for k in keys})
     train_ds = load_countdown("generate", num_samples=200, seed=settings["seed"])["train"]
-    train(cfg, [format_reward, equation_reward], train_ds, eval_dataset=None, template=R1_COUNTDOWN)
+    train(cfg, [getattr(rewards, name) for name in settings["rewards"]], train_ds, eval_dataset=None,
+          template=R1_COUNTDOWN)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [{"step": r["step"], "seconds": r["time/step"], "phases": {p: r[f"time/{p}"] for p in PHASES},
               "completion_tokens_mean": r["completion/length_mean"]} for r in rows]

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 
 import torch
-from collections.abc import Sequence
 
 from minigrpo import collectives
 from minigrpo.rewards import repeat_columns, score_completions, think_arithmetic
@@ -157,7 +157,6 @@ def summarize_outcomes(outcomes: TaskOutcomes, groups: Sequence[str]) -> dict:
     for i, g in enumerate(groups):
         members.setdefault(str(g), []).append(i)
     return {"all": one(list(range(len(groups)))), **{g: one(idx) for g, idx in sorted(members.items())}}
-
 
 
 def arithmetic_audit(texts: Sequence[str], solved: Sequence[bool]) -> dict[str, float | int | None]:

@@ -32,24 +32,33 @@ def test_trl_reads_minigrpo_prompts_in_minigrpo_order_across_epochs(tokenizer):
 
 
 def test_trl_side_gets_every_matched_setting_of_the_recipe(tmp_path):
+    """The recipe's settings reach GRPOConfig's arguments, under TRL's names and semantics."""
+    import _trl_side
+
     cfg = Config.load(str(learning_vs_trl.RECIPE))
     learning_vs_trl.check_matched(cfg)  # the shipped recipe is comparable as it is
     s = learning_vs_trl.trl_settings(cfg, "START", tmp_path, steps=20, threads=2)
-    assert {k: s[k] for k in learning_vs_trl.MATCHED} == {k: getattr(cfg, k) for k in learning_vs_trl.MATCHED}
-    assert (s["reward_weights"], s["learning_rate"], s["temperature"]) == ([0.0, 1.0, 1.0, 0.5, 2.0], 2e-5, 0.7)
-    assert s["save_steps"] == 10 and s["steps"] == 20 and s["model_path"] == "START"
-    trl = pytest.importorskip("trl")  # the pinned bench extra: each passed setting is a GRPOConfig field
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import _trl_side
-
-    fields = set(trl.GRPOConfig.__dataclass_fields__)
-    assert {_trl_side.RENAMED.get(k, k) for k in _trl_side.OPTIONAL} <= fields
+    kw = _trl_side.grpo_config_kwargs(s, use_vllm=True)
+    assert (kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"], kw["num_generations"]) == (4, 8, 8)
+    assert (kw["learning_rate"], kw["lr_scheduler_type"], kw["warmup_steps"], kw["max_steps"]) == (2e-5, "constant", 0.0, 20)
+    assert (kw["adam_beta1"], kw["adam_beta2"], kw["weight_decay"], kw["max_grad_norm"]) == (0.9, 0.99, 0.0, 1.0)
+    assert (kw["temperature"], kw["top_p"], kw["top_k"], kw["beta"], kw["epsilon"]) == (0.7, 1.0, 0, 0.0, 0.2)
+    assert (kw["loss_type"], kw["scale_rewards"], kw["num_iterations"]) == ("grpo", "group", 1)
+    assert kw["reward_weights"] == [0.0, 1.0, 1.0, 0.5, 2.0] and s["rewards"] == cfg.rewards
+    assert (kw["save_steps"], kw["save_only_model"], kw["shuffle_dataset"], kw["seed"]) == (10, True, False, 42)
+    assert kw["vllm_max_model_length"] == 256 + 128 and not kw["vllm_importance_sampling_correction"]
+    trl = pytest.importorskip("trl")  # the pinned bench extra: TRL takes every argument, as given
+    args = trl.GRPOConfig(**{**kw, "output_dir": str(tmp_path / "trl")})
+    assert (args.adam_beta2, args.generation_batch_size, args.steps_per_generation) == (0.99, 32, 8)
 
 
 @pytest.mark.parametrize("override, name", [("dynamic_sampling=true", "dynamic_sampling"),
                                             ("num_iterations=2", "num_iterations"),
                                             ("rollout_correction=token_truncate", "rollout_correction"),
-                                            ("stop=[</answer>]", "stop")])
+                                            ("stop=[</answer>]", "stop"),
+                                            ("loss_type=bnpo", "loss_type"),
+                                            ("warmup_ratio=0.1", "warmup_ratio"),
+                                            ("weight_decay=0.01", "weight_decay")])
 def test_a_setting_trl_side_would_not_get_is_refused(override, name):
     cfg = Config.load(str(learning_vs_trl.RECIPE), [override])
     with pytest.raises(SystemExit, match=f"'{name}'"):
@@ -90,7 +99,16 @@ def test_the_table_is_built_from_the_files_each_stage_left(tmp_path, capsys):
     assert (gap["difference"], gap["only_a"], gap["only_b"]) == (pytest.approx(-0.2), 4, 2)
     assert table["paired"]["minigrpo end - start, success"]["difference"] == pytest.approx(0.4)
     assert table["paired"]["TRL gain - minigrpo gain, pass@8"]["difference"] == pytest.approx(-0.1)
+    assert table["paired"]["TRL - minigrpo, step 2, success"]["difference"] == 0.0  # both mid files alike
     assert table["step_seconds_total"] == {"minigrpo": 40.0, "trl": 100.0}
     assert table["audit"]["end-trl"]["kl_to_start"] == {"k1": 0.03, "k3": 0.04}
     printed = capsys.readouterr().out
     assert "TRL / minigrpo: 2.50x" in printed and "64/64" in printed and "3/4" in printed
+
+
+def test_stage_files_of_another_run_are_refused(tmp_path):
+    identity = {"steps": 20, "k": 8, "start": "/a", "recipe_sha256": "x"}
+    learning_vs_trl.check_manifest(tmp_path, identity)  # the first run writes it
+    learning_vs_trl.check_manifest(tmp_path, identity)  # the same run resumes
+    with pytest.raises(SystemExit, match="other settings .*'steps': \\(20, 10\\)"):
+        learning_vs_trl.check_manifest(tmp_path, {**identity, "steps": 10})

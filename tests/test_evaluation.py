@@ -66,7 +66,6 @@ def test_evaluate_refuses_a_reward_named_like_its_own_figures():
     assert evaluate(None, OneTask(), [Reward(tasks)], Config(eval_num_samples=0), None) == {}
 
 
-@pytest.mark.slow
 def test_arithmetic_audit_counts_written_steps_and_sound_solutions():
     """Hand-made completions: 5 steps written, 3 right; of the 2 solved ones that write steps, one
     has every step right; one completion writes none."""
@@ -101,6 +100,7 @@ def test_kl_estimates_on_hand_computed_log_probs():
         kl_estimates(p, q, torch.zeros(2, 3))
 
 
+@pytest.mark.slow
 def test_evaluate_countdown_reports_a_tier_per_number_count_with_and_without_stop(model_path, tmp_path):
     """examples/evaluate_countdown.py on the real default model with vLLM: an easy tier (2-3 numbers
     in 1..20), per number count, both generations (the greedy completions with the stop string

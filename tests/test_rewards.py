@@ -462,3 +462,18 @@ def test_think_arithmetic_reads_the_reply_of_a_conversational_completion():
 
     reply = [{"role": "assistant", "content": "Let me see. <think>2 + 2 = 5, 3 * 3 = 9</think>"}]
     assert think_arithmetic(reply) == (1, 2)
+
+
+@pytest.mark.parametrize("think, expected, why", [
+    (" 10 - 3 - 2 = 5.", (0, 0), "a longer expression is not a step: not counted, right or wrong"),
+    (" 6 + 9 * 2 = 24.", (0, 0), "precedence: not a step"),
+    (" 7 / 2 = 3.5, 3.5 * 2 = 7.", (0, 0), "decimals are not steps"),
+    (" 2 + 3 = 5 + 1 = 6.", (0, 0), "a chained equality is not a step"),
+    (" (6 + 9) = 15, 15 * 2 = 30.", (1, 1), "only the stand-alone step counts"),
+    (" 48 - 39 = 9. 9 + 31 = 40.", (2, 2), "a full stop after a result ends the step"),
+    (" 1" + "0" * 30 + " + 1 = 2.", (0, 0), "more than 18 digits: not a step"),
+])
+def test_think_arithmetic_counts_only_stand_alone_steps(think, expected, why):
+    from minigrpo.rewards import think_arithmetic
+
+    assert think_arithmetic(think + "</think>") == expected, why

@@ -207,24 +207,31 @@ def closeness_reward(completions: list, target: Sequence, nums: Sequence, **colu
 
 
 # One written step of reasoning, "a op b = c" (the warm-up's solutions are chains of them:
-# "48 - 39 = 9, 9 + 31 = 40"); operands may be negative ("31 - -27 = 58"). No nested quantifiers: a
-# hostile megabyte is scanned in linear time.
-_STEP = re.compile(r"(?<![0-9])(-?[0-9]+) *([-+*/]) *(-?[0-9]+) *= *(-?[0-9]+)")
+# "48 - 39 = 9, 9 + 31 = 40"); operands may be negative ("31 - -27 = 58"), at most 18 digits. No nested
+# quantifiers: a hostile megabyte is scanned in linear time.
+_STEP = re.compile(r"(-?[0-9]{1,18}) *([-+*/]) *(-?[0-9]{1,18}) *= *(-?[0-9]{1,18})")
 _APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+_JOINED = "+-*/=(0123456789"  # a neighbour (past spaces) that makes the match part of a longer expression
 
 
 def think_arithmetic(completion: str | Sequence[dict]) -> tuple[int, int]:
-    """(correct, written): the steps "a op b = c" written before `</think>` (the whole text when it
-    never closes) and how many of them are right, exactly (`7 / 2 = 3` is wrong). An audit: GRPO grades
-    only the answer, so the arithmetic in the reasoning may drift into nonsense while answers improve.
+    """(correct, written): the stand-alone steps "a op b = c" written before `</think>` (the whole
+    text when it never closes) and how many of them are right, exactly (`7 / 2 = 3` is wrong). A match
+    that is part of a longer expression (`10 - 3 - 2 = 5`, `6 + 9 * 2 = 24`, `7 / 2 = 3.5`, the second
+    `=` of `2 + 3 = 5 + 1 = 6`) is not a step and is not counted. An audit: GRPO grades only the
+    answer, so the arithmetic in the reasoning may drift into nonsense while answers improve.
 
     >>> think_arithmetic(" 48 - 39 = 9, 9 + 31 = 41.</think> <answer>48 - 39 + 31</answer>")
     (1, 2)
     """
     text = completion_text(completion).split(THINK_CLOSE)[0]
     correct = written = 0
-    for a, op, b, c in _STEP.findall(text):
-        a, b, c = int(a), int(b), int(c)
+    for m in _STEP.finditer(text):
+        before, after = text[:m.start()].rstrip(" "), text[m.end():].lstrip(" ")
+        decimal = text[m.start() - 1:m.start()] == "." or re.match(r"\.[0-9]", text[m.end():m.end() + 2])
+        if decimal or (before and before[-1] in _JOINED) or (after and after[0] in _JOINED.replace("(", "")):
+            continue
+        a, op, b, c = (int(m[1]), m[2], int(m[3]), int(m[4]))
         written += 1
         if op == "/":
             correct += b != 0 and a == b * c
