@@ -112,3 +112,24 @@ def test_stage_files_of_another_run_are_refused(tmp_path):
     learning_vs_trl.check_manifest(tmp_path, identity)  # the same run resumes
     with pytest.raises(SystemExit, match="other settings .*'steps': \\(20, 10\\)"):
         learning_vs_trl.check_manifest(tmp_path, {**identity, "steps": 10})
+
+
+def test_stages_are_skipped_when_their_file_is_there_and_minigrpo_resumes(tmp_path, monkeypatch):
+    """With `run` stubbed: an evaluation whose JSON exists is not run again; minigrpo's training runs
+    with --resume once a checkpoint exists, and not at all once the last one does."""
+    ran = []
+    monkeypatch.setattr(learning_vs_trl, "run", lambda cmd, log, threads: ran.append(cmd))
+    (tmp_path / "eval-start.json").write_text("{}")
+    learning_vs_trl.evaluate(tmp_path / "m", tmp_path / "eval-start.json", 0, tmp_path, 2)
+    learning_vs_trl.evaluate(tmp_path / "m", tmp_path / "eval-mid-trl.json", 0, tmp_path, 2,
+                             compare=tmp_path / "eval-start.json", kl_to="/start")
+    assert len(ran) == 1 and ran[0][-4:] == ["--compare", str(tmp_path / "eval-start.json"), "--kl-to", "/start"]
+
+    ran.clear()
+    learning_vs_trl.train_minigrpo("/start", tmp_path, 20, 2)  # nothing on disk: from the start
+    (tmp_path / "minigrpo" / "checkpoints" / "step-000010").mkdir(parents=True)
+    learning_vs_trl.train_minigrpo("/start", tmp_path, 20, 2)  # a checkpoint: resumed
+    learning_vs_trl.checkpoint("minigrpo", tmp_path, 20).mkdir(parents=True)
+    learning_vs_trl.train_minigrpo("/start", tmp_path, 20, 2)  # the last one: done
+    assert ["--resume" in cmd for cmd in ran] == [False, True]
+    assert "max_steps=20" in ran[0] and "save_steps=10" in ran[0] and "eval_num_samples=0" in ran[0]
