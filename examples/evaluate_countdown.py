@@ -161,10 +161,8 @@ def kl_audit(engine, prompts, path: Path, other: Path, cfg: Config, seed: int, m
     batch = engine.generate(prompts.ids, Sampling(n=1, max_tokens=cfg.max_completion_length, temperature=1.0,
                                                   seed=seed + 1))
     pad = load_tokenizer(path).pad_token_id or 0
-    n, t = len(batch.completion_ids), max(len(c) for c in batch.completion_ids)
-    mask = torch.zeros(n, t)  # [B, T]
-    for i, c in enumerate(batch.completion_ids):
-        mask[i, :len(c)] = 1
+    _, mask, _ = batch.padded(pad)  # [B, T] real completion tokens
+    n, t = mask.shape
     logprobs = []
     for folder in (path, other):
         model, rows = load_causal_lm(folder, cfg.dtype), torch.zeros(n, t)  # [B, T]

@@ -447,6 +447,13 @@ def test_closeness_reward_is_one_exactly_where_the_value_is_the_target():
     (" 8 / 2 = 4, 7 / 2 = 3, 5 / 0 = 0.", (1, 3), "division is exact; by zero is wrong"),
     (" I try (6 + 9) * 2 and see.", (0, 0), "no step written"),
     ("12+30=42", (1, 1), "without spaces"),
+    (" 10 - 3 - 2 = 5.", (0, 0), "a longer expression is not a step: not counted, right or wrong"),
+    (" 6 + 9 * 2 = 24.", (0, 0), "precedence: not a step"),
+    (" 7 / 2 = 3.5, 3.5 * 2 = 7.", (0, 0), "decimals are not steps"),
+    (" 2 + 3 = 5 + 1 = 6.", (0, 0), "a chained equality is not a step"),
+    (" (6 + 9) = 15, 15 * 2 = 30.", (1, 1), "only the stand-alone step counts"),
+    (" 48 - 39 = 9. 9 + 31 = 40.", (2, 2), "a full stop after a result ends the step"),
+    (" 1" + "0" * 30 + " + 1 = 2.", (0, 0), "more than 18 digits: not a step"),
 ])
 def test_think_arithmetic_hand_cases(think, expected, why):
     from minigrpo.rewards import think_arithmetic, think_arithmetic_reward
@@ -462,18 +469,3 @@ def test_think_arithmetic_reads_the_reply_of_a_conversational_completion():
 
     reply = [{"role": "assistant", "content": "Let me see. <think>2 + 2 = 5, 3 * 3 = 9</think>"}]
     assert think_arithmetic(reply) == (1, 2)
-
-
-@pytest.mark.parametrize("think, expected, why", [
-    (" 10 - 3 - 2 = 5.", (0, 0), "a longer expression is not a step: not counted, right or wrong"),
-    (" 6 + 9 * 2 = 24.", (0, 0), "precedence: not a step"),
-    (" 7 / 2 = 3.5, 3.5 * 2 = 7.", (0, 0), "decimals are not steps"),
-    (" 2 + 3 = 5 + 1 = 6.", (0, 0), "a chained equality is not a step"),
-    (" (6 + 9) = 15, 15 * 2 = 30.", (1, 1), "only the stand-alone step counts"),
-    (" 48 - 39 = 9. 9 + 31 = 40.", (2, 2), "a full stop after a result ends the step"),
-    (" 1" + "0" * 30 + " + 1 = 2.", (0, 0), "more than 18 digits: not a step"),
-])
-def test_think_arithmetic_counts_only_stand_alone_steps(think, expected, why):
-    from minigrpo.rewards import think_arithmetic
-
-    assert think_arithmetic(think + "</think>") == expected, why
