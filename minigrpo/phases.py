@@ -210,13 +210,13 @@ def update_policy(run: Run, batch: StepBatch, timer: PhaseTimer) -> Update:
 
 
 # ------------------------------------------------------------------------------------------ 5. push
-def push_weights(run: Run, update: Update, timer: PhaseTimer) -> None:
-    """Load the updated weights into the rollout engine and verify them (exact check and probe)."""
+def push_weights(run: Run, step: int, update: Update, timer: PhaseTimer) -> None:
+    """Load step `step`'s updated weights into the rollout engine and verify them (exact check and probe)."""
     with timer("push"):
         if run.cfg.vllm_sleep:  # every step, a skipped one too: the next generation needs the engine
             run.rollout.wake_up()
         if update.applied:  # a skipped (non-finite) step changed nothing: the engine is still in sync
-            sync_weights(run.rollout, run.policy, run.probe_ids, run.probe_atol)
+            sync_weights(run.rollout, run.policy, run.probe_ids, run.probe_atol, version=step)
 
 
 # ------------------------------------------------------------------------------------------ 6. metrics

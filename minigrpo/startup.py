@@ -135,7 +135,7 @@ def start_run(cfg: Config, rewards: list[Reward], train_dataset, eval_dataset, t
     if state.step > 0 or cfg.lora_quantize:
         # The engine loaded the model's own weights; the policy is a checkpoint's, or (Q-LoRA) the
         # dequantized 4-bit base. Pushed with the exact check only: the probe is calibrated next.
-        sync_weights(rollout, policy, probe_ids, None)
+        sync_weights(rollout, policy, probe_ids, None, version=state.step)
     probe_atol = probe_tolerance(rollout, policy, probe_ids, cfg.sync_check_atol, info.rank == 0)  # same weights now
     sampling = Sampling(n=cfg.num_generations, max_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                         top_p=cfg.top_p, top_k=cfg.top_k, stop=tuple(cfg.stop))
@@ -207,7 +207,7 @@ def _make_rollout(cfg: Config, model_path: Path, policy: PolicyEngine, tokenizer
         seed=cfg.seed + info.rank, max_model_len=cfg.max_prompt_length + cfg.max_completion_length,
         trust_remote_code=cfg.trust_remote_code, enforce_eager=cfg.vllm_enforce_eager,
         server_host=cfg.vllm_server_host, server_port=cfg.vllm_server_port, server_timeout=cfg.vllm_server_timeout,
-        server_devices=cfg.vllm_server_devices,  # the server_* options: rollout=vllm_server only
+        server_devices=cfg.vllm_server_devices, server_allow_remote=cfg.vllm_server_allow_remote,  # vllm_server only
         tensor_parallel_size=cfg.vllm_server_tensor_parallel_size, log_level=cfg.log_level,
         **({"sleep_mode": True} if cfg.vllm_sleep else {}),  # colocated vLLM only (config-checked)
         **engine_memory(cfg, torch.cuda.is_available()),

@@ -18,7 +18,7 @@ PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 12 + 7 = 19."
 PROBE_MARGIN, PROBE_FLOOR = 10.0, 1e-3
 
 
-def sync_weights(rollout, policy, probe_ids: list[int], atol: float | None) -> None:
+def sync_weights(rollout, policy, probe_ids: list[int], atol: float | None, version: int | None = None) -> None:
     """New weights into the rollout engine, verified there exactly (every weight's bits) and, given
     a tolerance, by the probe's log-probs scored with the policy. Every rank calls it (ZeRO-3's
     gathers are collective), and every rank learns whether every push took: a push that failed on
@@ -31,7 +31,7 @@ def sync_weights(rollout, policy, probe_ids: list[int], atol: float | None) -> N
     weights = policy.pushed_weights()  # LoRA: merged
     error = None
     try:
-        rollout.push_weights(weights, probe)
+        rollout.push_weights(weights, probe, version=version)
     except Exception as e:  # re-raised below, after the other ranks have heard of it
         error = e
         for _ in weights:  # the rest of the gathers (ZeRO-3: collective), so no rank is left in one

@@ -59,7 +59,7 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
             batch = compute_advantages(run, rollouts)
             batch = frozen_logprobs(run, batch, timer)
             update = update_policy(run, batch, timer)
-            push_weights(run, update, timer)
+            push_weights(run, step, update, timer)
         state = LoopState(step, rollouts.data_position, 0 if update.applied else state.nonfinite_in_a_row + 1)
         metrics = step_metrics(run, step, batch, update, timer)
 

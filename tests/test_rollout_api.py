@@ -37,11 +37,12 @@ def test_torch_kind_ignores_vllm_options():
 
 
 def test_push_chunks_are_bounded_and_ordered():
-    vllm_engine = pytest.importorskip("minigrpo.rollout.vllm_engine", reason="needs vLLM installed")
+    from minigrpo.rollout.packing import chunks as grouped
+
     tensors = [(f"w{i}", torch.zeros(n)) for i, n in enumerate([10, 10, 30, 5, 5, 100, 1])]  # float32: 4 bytes
-    chunks = list(vllm_engine._chunks(iter(tensors), max_bytes=80))  # at most 20 floats, unless one is bigger
+    chunks = list(grouped(iter(tensors), max_bytes=80))  # at most 20 floats, unless one is bigger
     # w0+w1 = 80 bytes; w2 alone (120 > 80); w3+w4 = 40, w5 alone; w6
     assert [[n for n, _ in c] for c in chunks] == [["w0", "w1"], ["w2"], ["w3", "w4"], ["w5"], ["w6"]]
     assert all(t.data_ptr() == dict(tensors)[n].data_ptr() for c in chunks for n, t in c)  # no copies
     with pytest.raises(TypeError, match="w0"):
-        list(vllm_engine._chunks(iter([("w0", [1.0])]), max_bytes=80))
+        list(grouped(iter([("w0", [1.0])]), max_bytes=80))

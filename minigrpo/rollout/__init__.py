@@ -29,7 +29,8 @@ VLLM_OPTIONS = (
 )
 # Options of the "vllm_server" kind only (the others ignore them): where the server is, how long
 # any wait on it may take, and its tensor parallel size when the trainer starts it.
-SERVER_OPTIONS = ("server_host", "server_port", "server_timeout", "server_devices", "tensor_parallel_size")
+SERVER_OPTIONS = ("server_host", "server_port", "server_timeout", "server_devices", "server_allow_remote",
+                  "tensor_parallel_size")
 
 
 def make_engine(
@@ -43,8 +44,8 @@ def make_engine(
 ) -> RolloutEngine:
     """kind "vllm": `VLLMEngine(model_path, **options)`, a separate copy of the weights kept in sync
     by `push_weights`; kind "torch": `TorchEngine(policy, tokenizer)`, generating with the policy
-    module itself; kind "vllm_server": `VLLMServerEngine`, a client of a vLLM server process (the
-    `server_*` options; server_port 0/None starts one). `lockstep` (kind "torch"): every rank runs
+    module itself; kind "vllm_server": `VLLMServerEngine`, a client of vLLM's OpenAI-compatible
+    server in another process (the `server_*` options; server_port 0/None starts one). `lockstep` (kind "torch"): every rank runs
     as many forward passes (see TorchEngine). Without vLLM installed, "vllm" raises a one-line
     ImportError saying what to do."""
     unknown = sorted(set(options) - set(VLLM_OPTIONS) - set(SERVER_OPTIONS))
@@ -56,7 +57,8 @@ def make_engine(
             raise ValueError("make_engine('vllm_server') needs model_path (a local Hugging Face folder)")
         from minigrpo.rollout.server_engine import VLLMServerEngine  # no vLLM in this process
 
-        named = {"server_host": "host", "server_port": "port", "server_timeout": "timeout", "server_devices": "devices"}
+        named = {"server_host": "host", "server_port": "port", "server_timeout": "timeout", "server_devices": "devices",
+                 "server_allow_remote": "allow_remote"}
         return VLLMServerEngine(model_path, **{named.get(k, k): v for k, v in server.items()}, **options)
     if kind == "vllm":
         if model_path is None:

@@ -149,8 +149,10 @@ class RolloutEngine(Protocol):
         """Log-probability of tokens 1..L-1 of each sequence given the ones before (temperature 1)."""
         ...
 
-    def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], probe: Probe | None) -> object:
+    def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], probe: Probe | None,
+                     version: int | None = None) -> object:
         """Load these weights (Hugging Face names) in place and verify them: exactly, every engine
         weight against the bits of the tensors given (engines with a copy of the weights), and
-        with `probe`. A mismatch is a `WeightSyncError`."""
+        with `probe`. A mismatch is a `WeightSyncError`. `version`: the optimizer step the weights
+        are from (the server layout sets it as vLLM's weight version)."""
         ...

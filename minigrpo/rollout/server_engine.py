@@ -1,21 +1,25 @@
-"""Rollouts from a vLLM server in another process (scale-out layout): the client side, no vLLM here.
+"""Rollouts from vLLM's own OpenAI-compatible server (the scale-out layout): the trainer's side, no vLLM here.
 
-Two channels join the trainer and the server (minigrpo/rollout/server.py):
-- requests: `multiprocessing.connection` (a TCP socket, authenticated by HMAC with a shared key
-  before anything is unpickled), one per trainer rank. Messages are `(kind, payload)` tuples.
-- weights: a two-process `torch.distributed` group (gloo on CPU, NCCL on GPU) joining trainer
-  rank 0 (group rank 0) and the server (group rank 1). It is built from its own TCPStore, not by
-  `init_process_group`, because the trainer's default group (its ranks) already exists.
+Two channels join the trainer and the server (started by `serve.py`, extended by `vllm_plugin.py`):
+- HTTP, one client per trainer rank, every request with the shared secret and a timeout:
+  `/v1/completions` with token-id prompts (one request per prompt, so every completion gets the
+  seed the colocated engine gives it; a rank sends its requests at once and vLLM's scheduler
+  batches them with the other ranks'), the RL router (`/pause`, `/start_weight_update`, ...) and
+  `/collective_rpc` to our worker extension.
+- weights, trainer rank 0 only: a two-process torch.distributed group (gloo on CPU, NCCL on GPU)
+  that the server's weight-transfer engine joins through `/init_weight_transfer_engine`.
 
-A push, rank 0 only: ("push_begin", probe), then per chunk ("chunk", specs) followed by a
-`broadcast` of the chunk packed into one uint8 buffer, then ("push_end", sums): the
-`checksum.fingerprint` of every tensor as the trainer holds it. The server loads the tensors with VLLMEngine's in-place
-reload, which checks every engine weight exactly against the tensors it received; the server then
-checks those against the trainer's sums (so the transport is covered too) and the probe, and answers. Other ranks iterate
-`named_tensors` (a ZeRO-3 gather is collective) and then wait for rank 0's outcome, so no rank
-generates with the old weights. Every wait has a deadline (`timeout` seconds); a server that dies
-or stops answering is a `RolloutServerError` naming it. Each rank also sends a heartbeat every
-min(10, timeout/4) s from a thread, so the server can tell a lost trainer from a busy one.
+A push, rank 0: `/pause?mode=wait` (in-flight requests finish; the prefix cache is cleared) ->
+`/start_weight_update` -> per chunk, `/update_weights` with its specs while the packed bytes are
+broadcast -> `/finish_weight_update` with the new weight version -> the exact check: the worker's
+bit sums (`minigrpo_parameter_sums`) against the `checksum.fingerprint` of every tensor as the trainer
+holds it, so a byte changed in transport, a tensor skipped or a one-ulp difference is a
+`WeightSyncError` -> `/resume` -> the probe. Other ranks iterate `named_tensors` (a ZeRO-3 gather is
+collective) and wait for rank 0's outcome, so no rank generates with the old weights.
+
+A dead server is a `RolloutServerError` naming it at the next request; a frozen one after
+`timeout` seconds. Generation requests are retried once after a dropped connection (seeded
+requests give the same completions); weight requests never are.
 """
 
 from __future__ import annotations
@@ -26,13 +30,18 @@ import json
 import os
 import secrets
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterable
-from multiprocessing.connection import Client
+from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPException
 
 import torch
 import torch.distributed as dist
@@ -40,62 +49,20 @@ import torch.distributed as dist
 from minigrpo import collectives
 from minigrpo.checksum import fingerprint
 from minigrpo.rollout.base import Probe, RolloutBatch, Sampling, WeightSyncError
+from minigrpo.rollout.packing import chunks, pack, specs_of
+from minigrpo.rollout.push_check import check_engine_sums, from_wire
+from minigrpo.rollout.serve import AUTHKEY_ENV, BACKEND, check_host, server_command, server_env
 
-AUTHKEY_ENV = "MINIGRPO_ROLLOUT_AUTHKEY"  # a secret string; the server and every trainer rank must share it
 DEFAULT_BROADCAST_CHUNK_BYTES = 256 * 2**20
-ALIGN = 64  # byte offset of every tensor in a packed chunk, so any dtype can view its slice
+MAX_CONCURRENT_REQUESTS = 64  # per rank; vLLM's scheduler batches what arrives
 
 
 class RolloutServerError(RuntimeError):
-    """The rollout server died, stopped answering, or refused a request."""
+    """The rollout server died, stopped answering, refused a request, or does not serve what we train."""
 
 
-# ---------------------------------------------------------------------- shared with the server
-
-def weight_backend() -> tuple[str, torch.device]:
-    """Same code on both sides: NCCL between GPUs, gloo between CPU processes."""
-    if torch.cuda.is_available():
-        return "nccl", torch.device("cuda", torch.cuda.current_device())
-    return "gloo", torch.device("cpu")
-
-
-def weight_group(store: dist.Store, rank: int, timeout: float):
-    """The 2-process group (trainer rank 0 = 0, server = 1) over `store`, built directly: the
-    trainer's default group (its own ranks) already exists, so not `init_process_group`."""
-    delta = datetime.timedelta(seconds=timeout)
-    if weight_backend()[0] == "nccl":
-        opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = delta
-        return dist.ProcessGroupNCCL(store, rank, 2, opts)
-    return dist.ProcessGroupGloo(store, rank, 2, delta)
-
-
-def pack_layout(specs: list[tuple[str, tuple[int, ...], str]]) -> tuple[list[int], int]:
-    """Byte offsets of each (name, shape, dtype) in a packed chunk, and the chunk's size."""
-    offsets, size = [], 0
-    for _, shape, dtype in specs:
-        offsets.append(size)
-        nbytes = _numel(shape) * getattr(torch, dtype).itemsize
-        size += -(-nbytes // ALIGN) * ALIGN
-    return offsets, size
-
-
-def unpack(buffer: torch.Tensor, specs) -> list[tuple[str, torch.Tensor]]:
-    """Views of a received uint8 buffer as the named tensors (no copies)."""
-    offsets, _ = pack_layout(specs)
-    out = []
-    for (name, shape, dtype), off in zip(specs, offsets, strict=True):
-        dt = getattr(torch, dtype)
-        n = _numel(shape) * dt.itemsize
-        out.append((name, buffer[off: off + n].view(dt).view(shape)))
-    return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+class _ServerFailed(RolloutServerError):
+    """The server answered a weight-transfer request with an error."""
 
 
 def server_gpus(devices: str | None, tensor_parallel_size: int, trainer_visible: str | None, local_ranks: int) -> str:
@@ -120,83 +87,130 @@ def server_gpus(devices: str | None, tensor_parallel_size: int, trainer_visible:
     return ",".join(wanted)
 
 
-# ---------------------------------------------------------------------- the client
-
 class VLLMServerEngine:
-    """A `RolloutEngine` whose vLLM runs in a server process; see the module docstring.
+    """A `RolloutEngine` whose vLLM is a server in another process; see the module docstring.
 
-    port None or 0: trainer rank 0 starts `python -m minigrpo.rollout.server` on this machine
-    (killed when this process exits) and the other ranks connect after it is ready; the shared
-    key is made here and handed over. Otherwise connect to a running server at host:port, with
-    the key in $MINIGRPO_ROLLOUT_AUTHKEY. `vllm_options` (dtype, seed, ...) only matter when this
-    class starts the server.
+    port None or 0: trainer rank 0 starts `python -m minigrpo.rollout.serve` on this machine, on
+    `host` (loopback unless `allow_remote`), with a fresh secret handed to the other ranks; it is
+    stopped when the trainer ends, however it ends. Otherwise join the server at host:port with
+    the secret in $MINIGRPO_ROLLOUT_AUTHKEY; a joined server is never stopped by us. Either way the
+    server must serve `model_path` with our settings (checked once, on rank 0, before anything else).
+    `max_model_len`: the longest sequence the trainer asks for. The other options are the server's
+    launch settings when we start it.
     """
 
     shares_policy_weights = False
 
     def __init__(self, model_path, *, host: str = "127.0.0.1", port: int | None = None, timeout: float = 600.0,
-                 tensor_parallel_size: int = 1, devices: str | None = None,
-                 push_chunk_bytes: int = DEFAULT_BROADCAST_CHUNK_BYTES, **vllm_options):
+                 tensor_parallel_size: int = 1, devices: str | None = None, allow_remote: bool = False,
+                 push_chunk_bytes: int = DEFAULT_BROADCAST_CHUNK_BYTES, dtype: str | None = None,
+                 max_model_len: int | None = None, log_level: str = "warning", **launch):
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if push_chunk_bytes < 1:
+            raise ValueError(f"push_chunk_bytes must be >= 1, got {push_chunk_bytes}")
         self.timeout, self.chunk_bytes = float(timeout), push_chunk_bytes
         self.rank, self.world = collectives.rank(), collectives.world_size()
         self.child: subprocess.Popen | None = None
-        self.group = self.store = None
-        self._send_lock = threading.Lock()
-        self._closed = threading.Event()
+        self.group = self.store = self.log_path = None
+        self.weight_version = 0
+        self._closed = False
+        self.dtype = dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
         status = {}
         if self.rank == 0:
             try:
                 if port:
-                    key = os.environ.get(AUTHKEY_ENV)
-                    if not key:
-                        raise RolloutServerError(f"connecting to the rollout server at {host}:{port} needs the key it "
+                    secret = os.environ.get(AUTHKEY_ENV)
+                    if not secret:
+                        raise RolloutServerError(f"joining the rollout server at {host}:{port} needs the secret it "
                                                  f"was started with in ${AUTHKEY_ENV}")
-                    status = {"host": host, "port": port, "key": key, "pid": None}
+                    status = {"base": f"http://{_url_host(host)}:{port}", "secret": secret, "pid": None, "log": None}
                 else:
-                    status = self._start_server(model_path, tensor_parallel_size, devices, vllm_options)
-            except Exception as err:  # told to the other ranks too, so none waits forever
+                    check_host(host, allow_remote)
+                    status = self._start(model_path, host, tensor_parallel_size, devices, dtype, max_model_len,
+                                         log_level, launch)
+                self._set_server(status)
+                self.served = self._check_served(model_path, max_model_len)
+            except Exception as err:  # noqa: BLE001 told to the other ranks too, so none waits forever
+                self._stop_child()
                 status = {"error": f"{type(err).__name__}: {err}"}
-        if self.world > 1:  # the barrier after which the other ranks connect
+        if self.world > 1:  # the secret goes over the job's own group, never on a command line
             status = collectives.broadcast_object(status, src=0)
         if "error" in status:
-            raise RolloutServerError(f"rank {self.rank}: the rollout server could not start: {status['error']}")
-        self.host, self.port, self.pid = status["host"], status["port"], status["pid"]
-        self.name = f"rollout server {self.host}:{self.port}" + (f" (pid {self.pid})" if self.pid else "")
-        self.conn = self._connect(status["key"].encode())
-        info = self._call("hello", {"rank": self.rank, "world_size": self.world, "pid": os.getpid()})
-        self.pid = info["pid"]
-        self.name = f"rollout server {self.host}:{self.port} (pid {self.pid})"
-        if vllm_options.get("dtype") and info["dtype"] != vllm_options["dtype"]:
-            raise RolloutServerError(f"{self.name} runs {info['dtype']}, the trainer {vllm_options['dtype']}")
-        if self.rank == 0:  # the weight channel: the server hosts its store on a fresh port
-            store_port = self._call("weights_group", None)["store_port"]
-            delta = datetime.timedelta(seconds=self.timeout)
-            self.store = self._guard(dist.TCPStore, self.host, store_port, 2, False, delta)
-            self.group = self._guard(weight_group, self.store, 0, self.timeout)
-            self.device = weight_backend()[1]
-        threading.Thread(target=self._heartbeat, daemon=True, name="rollout-heartbeat").start()
+            raise RolloutServerError(f"rank {self.rank}: the rollout server: {status['error']}")
+        if self.rank != 0:
+            self._set_server(status)
+            self.served = self._get("/v1/models")["data"][0]["id"]
+        if self.rank == 0:
+            self._open_weight_channel()
         atexit.register(self.close)
 
-    # ------------------------------------------------------------------ protocol
+    # ------------------------------------------------------------------ generation
 
     def generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> RolloutBatch:
         """`sampling.n` completions for each of the P prompts, prompt-major (N = P*G)."""
-        return self._call("generate", (prompt_ids, sampling))
+        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("prompt_ids must be a non-empty list of non-empty token id lists")
+        g = sampling.n
+        per_request = 1 if sampling.temperature == 0 else g  # vLLM 0.32 refuses n > 1 when greedy
+        copies = g // per_request
+        bodies = [{
+            "model": self.served, "prompt": list(p), "n": per_request, "max_tokens": sampling.max_tokens,
+            # every field sent: the server's defaults must not decide the sampling
+            "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+            "stop": list(sampling.stop), "stop_token_ids": list(sampling.stop_token_ids),
+            # child j of a request gets seed + j (vLLM 0.32), as in the colocated engine
+            "seed": None if sampling.seed is None else sampling.seed + i * g,
+            "logprobs": 0, "return_token_ids": True, "include_stop_str_in_output": True, "skip_special_tokens": True,
+        } for i, p in enumerate(prompt_ids) for _ in range(copies)]
+        answers = self._concurrently("/v1/completions", bodies, retry=True)
+        prompts, ids, texts, lps, reasons = [], [], [], [], []
+        for body, answer in zip(bodies, answers, strict=True):
+            choices = sorted(answer["choices"], key=lambda c: c["index"])
+            if len(choices) != per_request:
+                raise RolloutServerError(f"{self.name} returned {len(choices)} completions for a request of {per_request}")
+            for c in choices:
+                tokens, lp = c["token_ids"], c["logprobs"]["token_logprobs"]
+                if c["prompt_token_ids"] != body["prompt"]:
+                    raise RolloutServerError(f"{self.name} answered a request with another prompt's completions")
+                if len(lp) != len(tokens) or c["finish_reason"] not in ("stop", "length"):
+                    raise RolloutServerError(f"{self.name}: {len(lp)} logprobs for {len(tokens)} tokens, "
+                                             f"finish reason {c['finish_reason']!r}")
+                prompts.append(body["prompt"])
+                ids.append(tokens)
+                texts.append(c["text"])
+                lps.append(lp)
+                reasons.append(c["finish_reason"])
+        return RolloutBatch(prompts, ids, texts, lps, reasons, group_size=g)
 
     def score(self, token_ids: list[list[int]]) -> list[list[float]]:
         """Log-probability of tokens 1..L-1 of each sequence under the server's weights (temperature 1)."""
-        return self._call("score", token_ids)
+        if any(len(seq) < 2 for seq in token_ids):
+            raise ValueError("score needs sequences of at least 2 tokens")
+        # vLLM 0.32: prompt logprobs are log_softmax of the raw logits whatever the logprobs mode,
+        # and a request asking for them recomputes its prefix (no cached KV of older weights).
+        bodies = [{"model": self.served, "prompt": list(s), "max_tokens": 1, "temperature": 0.0,
+                   "prompt_logprobs": 0} for s in token_ids]
+        answers = self._concurrently("/v1/completions", bodies, retry=True)
+        scores = []
+        for seq, answer in zip(token_ids, answers, strict=True):
+            steps = answer["choices"][0]["prompt_logprobs"]  # [L]: None for token 0, then {"token id": {...}}
+            scores.append([steps[t][str(seq[t])]["logprob"] for t in range(1, len(seq))])
+        return scores
 
-    def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], probe: Probe | None) -> None:
-        """Rank 0 broadcasts the weights to the server, which loads and verifies them; every rank
+    # ------------------------------------------------------------------ weight push
+
+    def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], probe: Probe | None,
+                     version: int | None = None) -> None:
+        """Rank 0 sends the weights through vLLM's weight-transfer API and checks them; every rank
         must call this (it iterates `named_tensors`, a collective under ZeRO-3) and every rank
-        raises what rank 0 got: `WeightSyncError` for a failed probe, `RolloutServerError` else."""
+        raises what rank 0 got: `WeightSyncError` for a failed check, `RolloutServerError` else.
+        The server's weight version becomes `version` (the trainer's step), or the last one + 1."""
+        version = self.weight_version + 1 if version is None else version
         outcome, tensors = None, iter(named_tensors)
         if self.rank == 0:
             try:
-                self._push(tensors, probe)
+                self._push(tensors, probe, version)
             except Exception as err:  # noqa: BLE001 every rank raises it below, after the collectives
                 outcome = (type(err).__name__, str(err))
         for _ in tensors:  # other ranks, or rank 0 after a failed push: a ZeRO-3 gather is collective
@@ -207,155 +221,266 @@ class VLLMServerEngine:
             kind, msg = outcome
             where = "" if self.rank == 0 else "(rank 0's push) "
             raise (WeightSyncError if kind == "WeightSyncError" else RolloutServerError)(f"{where}{kind}: {msg}")
+        self.weight_version = version
 
-    def _push(self, named_tensors, probe) -> None:
+    def _push(self, named_tensors, probe: Probe | None, version: int) -> None:
         start = time.perf_counter()
-        self._send("push_begin", probe)
-        chunk, size, sent, hashing = [], 0, {}, 0.0
-        for name, tensor in named_tensors:
-            if not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"push_weights got {type(tensor).__name__} for {name!r}, expected a tensor")
-            t = time.perf_counter()
-            sent[name] = fingerprint(tensor)  # the server checks what arrived and loaded against it
-            hashing += time.perf_counter() - t
-            nbytes = tensor.numel() * tensor.element_size()
-            if chunk and size + nbytes > self.chunk_bytes:
-                self._broadcast(chunk)
-                chunk, size = [], 0
-            chunk.append((name, tensor.detach()))
-            size += nbytes
-        if chunk:
-            self._broadcast(chunk)
-        self.last_broadcast_seconds = time.perf_counter() - start
-        answer = self._call("push_end", sent)  # the server loads, verifies, answers
-        self.last_push_seconds = time.perf_counter() - start
-        self.last_checksum_seconds = hashing + answer["checksum_seconds"]  # both sides' sums
+        sent, hashing = {}, 0.0
 
-    def _broadcast(self, chunk: list[tuple[str, torch.Tensor]]) -> None:
-        specs = [(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in chunk]
-        offsets, total = pack_layout(specs)
-        buf = torch.empty(total, dtype=torch.uint8, device=self.device)  # [bytes]
-        for (_, t), off in zip(chunk, offsets, strict=True):
-            flat = t.reshape(-1).view(torch.uint8)
-            buf[off: off + flat.numel()].copy_(flat)
-        self._send("chunk", specs)
-        self._guard(collectives.broadcast_in, self.group, buf, 0, self.timeout, f"the weight broadcast to {self.name}")
+        def fingerprinted(items):
+            nonlocal hashing
+            for name, tensor in items:
+                t = time.perf_counter()
+                sent[name] = fingerprint(tensor)  # as the trainer holds it: the check covers the transport
+                hashing += time.perf_counter() - t
+                yield name, tensor
 
-    def close(self) -> None:
-        """Say goodbye (the server exits once every rank has) and stop a server we started."""
-        if self._closed.is_set():
-            return
-        self._closed.set()
+        self._post("/pause?mode=wait&clear_cache=true")  # in-flight requests finish with the old weights
         try:
-            self._send("bye", None)
-            self.conn.close()
-        except (OSError, RolloutServerError):
-            pass  # already gone
-        if self.child is not None:
+            self._post("/start_weight_update")
             try:
-                self.child.wait(timeout=min(self.timeout, 30))
-            except subprocess.TimeoutExpired:
-                self.child.kill()
-                self.child.wait()
-            if self.child.returncode == 0:  # keep the log of a server that failed
-                shutil.rmtree(self._folder, ignore_errors=True)
+                for chunk in chunks(fingerprinted(named_tensors), self.chunk_bytes):
+                    specs = specs_of(chunk)
+                    info = {"names": [s[0] for s in specs], "shapes": [list(s[1]) for s in specs],
+                            "dtype_names": [s[2] for s in specs]}
+                    buf = pack(chunk, self.device)  # [bytes]
+                    self._while_posting("/update_weights", {"update_info": info}, lambda failed, buf=buf: collectives.broadcast_in(
+                        self.group, buf, 0, self.timeout, f"the weight broadcast to {self.name}", stop=failed))
+            except _ServerFailed:
+                raise  # the server's engine has ended the update itself (vllm_plugin.receive_weights)
+            except Exception:
+                self._post("/finish_weight_update")  # our side failed: put back the layers left on the meta device
+                raise
+            self._post("/finish_weight_update", {"weight_version": str(version)})
+            self.last_broadcast_seconds = time.perf_counter() - start
+            t = time.perf_counter()
+            answer = self._post("/collective_rpc", {"method": "minigrpo_parameter_sums", "args": [sorted(sent)]})
+            check_engine_sums([from_wire(r) for r in answer["results"]], sent)
+            self.last_checksum_seconds = hashing + time.perf_counter() - t  # both sides' sums
+        finally:
+            self._post("/resume")
+        if probe is not None:
+            self.verify(probe)
+        self.last_push_seconds = time.perf_counter() - start
 
-    # ------------------------------------------------------------------ plumbing
+    def verify(self, probe: Probe) -> None:
+        """Score `probe.token_ids`; raise `WeightSyncError` if any logprob is off by more than atol."""
+        got = torch.tensor(self.score([list(probe.token_ids)])[0], dtype=torch.float64)  # [L-1]
+        diff = (got - torch.tensor(probe.expected, dtype=torch.float64)).abs().max().item()
+        if not diff <= probe.atol:  # also catches NaN
+            raise WeightSyncError(f"{self.name}: probe logprobs differ from the policy's by {diff:.3g} > atol {probe.atol}")
 
-    def _start_server(self, model_path, tensor_parallel_size: int, devices: str | None, vllm_options: dict) -> dict:
-        env = dict(os.environ)
+    def _open_weight_channel(self) -> None:
+        """Our TCPStore and group rank 0; the server's engine joins as rank 1. The store's constructor
+        waits for the server, so the request that makes it join goes out first, on a thread."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            store_port = s.getsockname()[1]
+        info = {"master_address": self._address_seen_by_server(), "master_port": store_port, "timeout_s": self.timeout}
+
+        def open_group():
+            delta = datetime.timedelta(seconds=self.timeout)
+            self.store = dist.TCPStore(info["master_address"], store_port, 2, True, delta)
+            self.group = collectives.pair_group(self.store, 0, self.timeout)
+
+        self._while_posting("/init_weight_transfer_engine", {"init_info": info}, lambda failed: open_group())
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    def _while_posting(self, path: str, body: dict, work) -> None:
+        """POST on a thread while `work(failed)` runs here: both block until the other side joins
+        in. `failed()` tells `work` that the POST already failed, so it need not wait longer; that
+        error is raised as a `_ServerFailed`."""
+        result = {}
+
+        def post():
+            try:
+                result["answer"] = self._post(path, body)
+            except RolloutServerError as err:  # raised below, in the caller's thread
+                result["error"] = err
+
+        thread = threading.Thread(target=post, daemon=True, name=f"post {path}")
+        thread.start()
+        try:
+            work(lambda: "error" in result)
+        except (RuntimeError, TimeoutError) as err:
+            thread.join(timeout=5)
+            if "error" in result:  # the server's answer says why our side failed
+                raise _ServerFailed(str(result["error"])) from err
+            raise RolloutServerError(f"{self.name}: {path} did not complete: {type(err).__name__}: {err}") from err
+        thread.join(timeout=self.timeout)
+        if "error" in result:
+            raise _ServerFailed(str(result["error"]))
+        if thread.is_alive():
+            raise RolloutServerError(f"{self.name} did not answer {path} within {self.timeout:.0f} s (vllm_server_timeout)")
+
+    # ------------------------------------------------------------------ joining
+
+    def _check_served(self, model_path, max_model_len: int | None) -> str:
+        """Refuse a server that does not serve what this trainer trains, the way it needs it."""
+        models = self._get("/v1/models")["data"]
+        served = models[0]["id"]
+        try:
+            self._get("/is_paused")
+        except RolloutServerError as err:
+            raise RolloutServerError(f"{self.name} has no RL router ({err}); start it with "
+                                     "python -m minigrpo.rollout.serve (it sets VLLM_SERVER_DEV_MODE=1)") from None
+        try:
+            info = self._post("/collective_rpc", {"method": "minigrpo_served"})["results"][0]
+        except RolloutServerError as err:
+            raise RolloutServerError(f"{self.name} lacks minigrpo's worker extension ({err}); start it with "
+                                     "python -m minigrpo.rollout.serve") from None
+        problems = []
+        ours = str(model_path).rstrip("/")
+        if info["model"].rstrip("/") != ours and os.path.basename(info["model"].rstrip("/")) != os.path.basename(ours):
+            problems.append(f"model {info['model']} (the trainer trains {ours})")
+        if info["dtype"] != self.dtype:
+            problems.append(f"dtype {info['dtype']} (the trainer's rollout dtype is {self.dtype})")
+        if max_model_len and info["max_model_len"] < max_model_len:
+            problems.append(f"max_model_len {info['max_model_len']} (< max_prompt_length + max_completion_length "
+                            f"= {max_model_len})")
+        if info["logprobs_mode"] != "processed_logprobs":
+            problems.append(f"logprobs mode {info['logprobs_mode']} (needs processed_logprobs: the log-probs of the "
+                            "distribution sampled from)")
+        if info["weight_transfer"] != BACKEND:
+            problems.append(f"weight transfer {info['weight_transfer']!r} (needs {BACKEND!r})")
+        if problems:
+            raise RolloutServerError(f"{self.name} serves " + "; ".join(problems))
+        return served
+
+    def _address_seen_by_server(self) -> str:
+        """This machine's address on the route to the server (the store's address it connects to)."""
+        host = self.base.split("//", 1)[1].rsplit(":", 1)[0].strip("[]")
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))  # no packet is sent: this only picks the route
+            return s.getsockname()[0]
+
+    # ------------------------------------------------------------------ HTTP
+
+    def _get(self, path: str):
+        return self._request("GET", path, None, retry=True)
+
+    def _post(self, path: str, body: dict | None = None):
+        return self._request("POST", path, body, retry=False)
+
+    def _concurrently(self, path: str, bodies: list[dict], retry: bool) -> list:
+        if len(bodies) == 1:
+            return [self._request("POST", path, bodies[0], retry)]
+        with ThreadPoolExecutor(min(len(bodies), MAX_CONCURRENT_REQUESTS)) as pool:
+            return list(pool.map(lambda b: self._request("POST", path, b, retry), bodies))
+
+    def _request(self, method: str, path: str, body: dict | None, retry: bool):
+        """One HTTP request with the secret and a `timeout`; a lost connection is retried once when
+        `retry` (the request is safe to send twice). Errors name the server and what it answered."""
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Authorization": f"Bearer {self.secret}", "Content-Type": "application/json"}
+        for attempt in (0, 1):
+            req = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    text = r.read().decode()
+                return json.loads(text) if text else None
+            except urllib.error.HTTPError as err:
+                detail = err.read().decode(errors="replace")[:1000]
+                if err.code == 401:
+                    raise RolloutServerError(f"{self.name} refused our secret: set ${AUTHKEY_ENV} to the one it was "
+                                             "started with") from None
+                raise RolloutServerError(f"{self.name} answered {method} {path.split('?')[0]} with {err.code}: {detail}") from None
+            except (TimeoutError, socket.timeout):
+                raise RolloutServerError(f"{self.name} did not answer {method} {path.split('?')[0]} within "
+                                         f"{self.timeout:.0f} s (vllm_server_timeout)") from None
+            except (urllib.error.URLError, ConnectionError, HTTPException) as err:
+                reason = getattr(err, "reason", err)
+                if isinstance(reason, (TimeoutError, socket.timeout)):
+                    raise RolloutServerError(f"{self.name} did not answer {method} {path.split('?')[0]} within "
+                                             f"{self.timeout:.0f} s (vllm_server_timeout)") from None
+                if attempt == 0 and retry and not self._child_exited():
+                    time.sleep(1.0)
+                    continue
+                raise RolloutServerError(f"{self.name} {self._state()} ({type(reason).__name__}: {reason})") from None
+
+    def _state(self) -> str:
+        if self._child_exited():
+            return f"exited with code {self.child.returncode}" + (f"; its log: {self.log_path}" if self.log_path else "")
+        return "is not reachable (it exited, crashed or is not listening)"
+
+    def _child_exited(self) -> bool:
+        return self.child is not None and self.child.poll() is not None
+
+    def _set_server(self, status: dict) -> None:
+        self.base, self.secret, self.pid, self.log_path = status["base"], status["secret"], status["pid"], status["log"]
+        self.name = f"rollout server {self.base}" + (f" (pid {self.pid})" if self.pid else "")
+
+    # ------------------------------------------------------------------ a server we start
+
+    def _start(self, model_path, host, tensor_parallel_size, devices, dtype, max_model_len, log_level, launch) -> dict:
+        env = server_env(secrets.token_hex(32), log_level)
         if torch.cuda.is_available():
             env["CUDA_VISIBLE_DEVICES"] = server_gpus(
                 devices, tensor_parallel_size, os.environ.get("CUDA_VISIBLE_DEVICES"),
                 int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        key = secrets.token_hex(32)
-        self._folder = folder = tempfile.mkdtemp(prefix="minigrpo-rollout-")
-        ready, log_path = os.path.join(folder, "ready.json"), os.path.join(folder, "server.log")
-        cmd = [sys.executable, "-m", "minigrpo.rollout.server", "--model", str(model_path), "--port", "0",
-               "--timeout", str(self.timeout), "--connect-timeout", str(self.timeout),
-               "--tensor-parallel-size", str(tensor_parallel_size), "--ready-file", ready]
-        for k, v in vllm_options.items():
-            flag = "--" + k.replace("_", "-")
-            if isinstance(v, bool):
-                cmd += [flag] if v else []
-            elif v is not None:
-                cmd += [flag, str(v)]
-        with open(log_path, "w") as log:  # the key goes by environment, not on the command line
-            env[AUTHKEY_ENV] = key
-            self.child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        atexit.register(self._kill_child)
-        print(f"[minigrpo] started the rollout server (pid {self.child.pid}); log: {log_path}", flush=True)
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        self._folder = tempfile.mkdtemp(prefix="minigrpo-rollout-")
+        self.log_path = os.path.join(self._folder, "server.log")
+        launch = {k: v for k, v in launch.items() if k in _LAUNCH_OPTIONS}
+        cmd = server_command(str(model_path), host=host, port=port, dtype=dtype or self.dtype,
+                             max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+                             log_level=log_level, **launch)
+        supervisor = [sys.executable, "-m", "minigrpo.rollout.serve", "--watch-pid", str(os.getpid()), "--"]
+        with open(self.log_path, "w") as log:
+            # the supervisor kills the server's process group once this process is gone, however it ends
+            self.child = subprocess.Popen([*supervisor, *cmd], stdout=log, stderr=subprocess.STDOUT, env=env)
+        atexit.register(self._stop_child)
+        print(f"[minigrpo] starting vLLM's server for the rollouts (pid {self.child.pid}); its log: {self.log_path}",
+              flush=True)
+        status = {"base": f"http://{_url_host(host)}:{port}", "secret": env[AUTHKEY_ENV], "pid": self.child.pid,
+                  "log": self.log_path}
+        self._set_server(status)
         deadline = time.monotonic() + self.timeout
-        while not os.path.exists(ready):
-            if self.child.poll() is not None:
-                raise RolloutServerError(f"the rollout server (pid {self.child.pid}) exited with code "
-                                         f"{self.child.returncode} while starting:\n{_tail(log_path)}")
+        while True:
+            if self._child_exited():
+                raise RolloutServerError(f"{self.name} exited with code {self.child.returncode} while starting:\n"
+                                         f"{_tail(self.log_path)}")
+            try:
+                urllib.request.urlopen(urllib.request.Request(
+                    self.base + "/health", headers={"Authorization": f"Bearer {self.secret}"}), timeout=5).close()
+                return status
+            except (urllib.error.URLError, ConnectionError, HTTPException, TimeoutError):
+                pass
             if time.monotonic() > deadline:
-                self._kill_child()
-                raise RolloutServerError(f"the rollout server (pid {self.child.pid}) was not ready within "
-                                         f"{self.timeout:.0f} s (vllm_server_timeout):\n{_tail(log_path)}")
-            time.sleep(0.2)
-        with open(ready) as f:
-            port = json.load(f)["port"]
-        return {"host": "127.0.0.1", "port": port, "key": key, "pid": self.child.pid}
+                raise RolloutServerError(f"{self.name} was not ready within {self.timeout:.0f} s (vllm_server_timeout):\n"
+                                         f"{_tail(self.log_path)}")
+            time.sleep(0.5)
 
-    def _kill_child(self) -> None:
+    def _stop_child(self) -> None:
         if self.child is not None and self.child.poll() is None:
-            self.child.kill()
-            self.child.wait()
-
-    def _connect(self, key: bytes):
-        deadline = time.monotonic() + self.timeout
-        while True:  # a server started by hand may still be loading
+            self.child.send_signal(signal.SIGTERM)  # the supervisor kills the server's process group
             try:
-                return Client((self.host, self.port), authkey=key)
-            except ConnectionRefusedError:
-                if time.monotonic() > deadline:
-                    raise RolloutServerError(f"{self.name}: connection refused for {self.timeout:.0f} s") from None
-                time.sleep(1.0)
+                self.child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.child.kill()
+                self.child.wait()
 
-    def _send(self, kind: str, payload) -> None:
-        with self._send_lock:
-            self._guard(self.conn.send, (kind, payload))
+    def close(self) -> None:
+        """Stop a server we started (a joined one is left running) and drop the weight channel."""
+        if self._closed:
+            return
+        self._closed = True
+        self.group = self.store = None
+        if self.child is not None:
+            self._stop_child()
+            if self.child.returncode in (0, 143, -signal.SIGTERM):  # keep the log of a server that failed
+                shutil.rmtree(self._folder, ignore_errors=True)
 
-    def _call(self, kind: str, payload):
-        """Send a request and wait at most `timeout` seconds for its answer."""
-        self._send(kind, payload)
-        if not self._guard(self.conn.poll, self.timeout):
-            raise RolloutServerError(f"{self.name} did not answer {kind!r} within {self.timeout:.0f} s "
-                                     f"(vllm_server_timeout)")
-        status, value = self._guard(self.conn.recv)
-        if status == "ok":
-            return value
-        if status == "WeightSyncError":
-            raise WeightSyncError(f"{self.name}: {value}")
-        raise RolloutServerError(f"{self.name} failed on {kind!r}: {value}")
 
-    def _guard(self, fn, *args):
-        """Call fn; a lost connection or a timed-out broadcast becomes an error naming the server."""
-        try:
-            return fn(*args)
-        except (EOFError, OSError, RuntimeError) as err:
-            if isinstance(err, (RolloutServerError, WeightSyncError)):
-                raise
-            if self.child is not None and self.child.poll() is not None:
-                state = f"exited with code {self.child.returncode}"
-            elif isinstance(err, (EOFError, ConnectionError)):
-                state = "closed the connection (it exited or crashed)"
-            else:
-                state = "is not answering"
-            detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-            raise RolloutServerError(f"{self.name} {state} ({detail})") from err
+# Launch settings `serve.server_command` takes besides those named in VLLMServerEngine's signature.
+_LAUNCH_OPTIONS = ("seed", "kv_cache_gib", "gpu_memory_utilization", "enforce_eager", "trust_remote_code",
+                   "enable_prefix_caching")
 
-    def _heartbeat(self) -> None:
-        """A ping every few seconds, so the server can tell a lost trainer from a busy one."""
-        interval = min(10.0, self.timeout / 4)
-        while not self._closed.wait(interval):
-            try:
-                with self._send_lock:
-                    self.conn.send(("ping", None))
-            except OSError:
-                return  # the next request reports it
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _tail(path: str, lines: int = 25) -> str:

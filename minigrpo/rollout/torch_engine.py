@@ -172,7 +172,8 @@ class TorchEngine:
         finally:
             self.model.train(was_training)
 
-    def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], probe: Probe | None) -> None:
+    def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], probe: Probe | None,
+                     version: int | None = None) -> None:
         """Nothing to load (the tensors are not even read); verify `probe` if given."""
         if probe is None:
             return

@@ -20,13 +20,15 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 import transformers
 
-from minigrpo.checksum import bits_sum, fingerprint, fused_row_weighted_sum, row_weighted_sum
+from minigrpo.checksum import bits_sum, fingerprint, row_weighted_sum
 from minigrpo.rollout.base import Probe, RolloutBatch, Sampling, WeightSyncError
+from minigrpo.rollout.packing import chunks
+from minigrpo.rollout.push_check import check_engine_sums
 
 try:
     import vllm
@@ -43,9 +45,6 @@ from vllm.inputs import TokensPrompt
 DEFAULT_CPU_KV_CACHE_GIB = 2.0  # ~45k tokens of KV cache for SmolLM2-135M (30 layers x 3 KV heads x 64)
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.5  # colocated: the trainer needs the rest of the GPU
 DEFAULT_PUSH_CHUNK_BYTES = 256 * 2**20
-# vLLM 0.32 stacks a fused parameter's parts along dim 0 in this order (QKVParallelLinear: q, k, v;
-# MergedColumnParallelLinear: shard 0, 1, ...): the order the row-weighted check concatenates them in
-_FUSED_ORDER = {"q": 0, "k": 1, "v": 2}
 
 
 class VLLMEngine:
@@ -236,7 +235,8 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ weight push
 
-    def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], probe: Probe | None) -> dict:
+    def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], probe: Probe | None,
+                     version: int | None = None) -> dict:
         """Load these weights (Hugging Face names) in place, in chunks of about `push_chunk_bytes`,
         then verify them: exactly (`verify_weights`: every engine parameter against the bits of the
         tensors sent), and with `probe` (log-probabilities within its tolerance, which catches a
@@ -262,7 +262,7 @@ class VLLMEngine:
 
         self.llm.collective_rpc(_begin_reload)
         try:
-            for chunk in _chunks(fingerprinted(named_tensors), self.push_chunk_bytes):
+            for chunk in chunks(fingerprinted(named_tensors), self.push_chunk_bytes):
                 self.llm.collective_rpc(_load_chunk, args=(chunk,))
         finally:
             # Always finish: between begin and finish the layers sit on the meta device, and
@@ -279,53 +279,9 @@ class VLLMEngine:
         return sent
 
     def verify_weights(self, sent: dict[str, tuple[int, int, int, int]]) -> None:
-        """Compare every weight the engine computes with, exactly, with the tensors pushed into it.
-
-        `sent`: Hugging Face name -> `checksum.fingerprint` of the tensor the trainer pushed. Each
-        engine worker sums the bits of its parameters (and of the packed copies a CPU engine
-        computes with, see `_record_cpu_packing`). vLLM's fused parameters (qkv_proj = q, k, v;
-        gate_up_proj = gate, up) sum to the sum of their parts; vocabulary padding is zeros, which
-        add nothing. A parameter a worker holds whole (the numel that was sent) must also have the
-        row-weighted sum of its parts concatenated in vLLM's fused order, which a transposed load or
-        swapped parts (q and k, gate and up) change. Under tensor parallelism the shards of a split
-        parameter add up over workers to the whole, with a KV head that R workers share counted R
-        times (bits sums only: a shard's row positions are its own). A parameter that got no
-        tensor, a tensor that reached no parameter, or any differing sum is a `WeightSyncError`."""
-        workers = self.llm.collective_rpc(_parameter_sums, args=(sorted(sent),))  # one per worker
-        targets = workers[0]["targets"]  # HF name -> (engine parameter, shard id); same on every worker
-        unplaced = sorted(n for n in sent if targets.get(n) is None)
-        if unplaced:
-            raise WeightSyncError(f"cannot verify the push: no vLLM parameter takes {unplaced[:5]}"
-                                  + (f" and {len(unplaced) - 5} more" if len(unplaced) > 5 else ""))
-        parts: dict[str, list[tuple[str, object]]] = {}  # engine parameter -> [(HF name, shard id)]
-        for hf_name, (name, shard) in targets.items():
-            parts.setdefault(name, []).append((hf_name, shard))
-        problems = []
-        for entry, (_, _, _, param, _) in sorted(workers[0]["sums"].items()):
-            if param not in parts:
-                problems.append(f"{entry} received nothing")
-                continue
-            got = [w["sums"][entry] for w in workers]  # per worker: (bits sum, numel, KV replicas, param, row-weighted)
-            ordered = sorted(parts[param], key=lambda part: _FUSED_ORDER.get(part[1], part[1] or 0))
-            whole = sum(sent[h][0] for h, _ in ordered)
-            if all(numel == sum(sent[h][1] for h, _ in ordered) for _, numel, *_ in got):  # every worker holds it whole
-                weighted = fused_row_weighted_sum([sent[h] for h, _ in ordered])
-                bad = [bits for bits, *_ in got if bits != whole]
-                moved = [w for *_, w in got if w != weighted]
-                if bad:
-                    problems.append(f"{entry}: engine {bad[0]} != pushed {whole}")
-                elif moved:
-                    problems.append(f"{entry}: the pushed elements are in other places (row-weighted sum {moved[0]} "
-                                    f"!= {weighted}: transposed, or fused parts swapped)")
-                continue
-            replicas = got[0][2]
-            expected = sum(sent[h][0] * (replicas if shard in ("k", "v") else 1) for h, shard in parts[param])
-            total = sum(bits for bits, *_ in got)
-            if total != expected:
-                problems.append(f"{entry}: engine {total} != pushed {expected}")
-        if problems:
-            raise WeightSyncError(f"{len(problems)} engine weight(s) differ from the pushed ones: "
-                                  + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
+        """Compare every weight the engine computes with, exactly, with the tensors pushed into it
+        (`push_check.check_engine_sums`: `sent` maps Hugging Face names to `checksum.fingerprint`)."""
+        check_engine_sums(self.llm.collective_rpc(_parameter_sums, args=(sorted(sent),)), sent)  # one result per worker
 
     def verify(self, probe: Probe) -> None:
         """Score `probe.token_ids`; raise `WeightSyncError` if any logprob is off by more than atol."""
@@ -458,22 +414,6 @@ def _record_cpu_packing() -> None:
 
     dispatch.minigrpo_records_packing = True
     utils.dispatch_cpu_unquantized_gemm = dispatch
-
-
-def _chunks(named_tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Group (name, tensor) pairs into lists of about `max_bytes` (a bigger tensor goes alone)."""
-    chunk, size = [], 0
-    for name, tensor in named_tensors:
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"push_weights got {type(tensor).__name__} for {name!r}, expected a tensor")
-        nbytes = tensor.numel() * tensor.element_size()
-        if chunk and size + nbytes > max_bytes:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append((name, tensor.detach()))
-        size += nbytes
-    if chunk:
-        yield chunk
 
 
 def _check_token_lists(seqs: list[list[int]], what: str) -> None:
