@@ -86,10 +86,11 @@ def prune(output_dir: Path, keep: int) -> None:
 
 
 def save(output_dir: Path, step: int, policy, tokenizer, state: dict, rank: int, keep: int,
-         adapter: dict | None = None) -> Path:
+         adapter: dict | None = None, ahead: list | None = None) -> Path:
     """Write checkpoint `step` atomically; every rank calls it (the DeepSpeed save and the ZeRO-3
     gather are collective). `adapter` (LoRA): `lora.save_adapter`'s keyword arguments (rank, alpha,
-    targets, base_model, quantize, dtype)."""
+    targets, base_model, quantize, dtype). `ahead` (async_generation): this rank's batches generated
+    ahead of training (`Ahead.to_json`), written as ahead_rank{rank}.json."""
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
@@ -112,6 +113,8 @@ def save(output_dir: Path, step: int, policy, tokenizer, state: dict, rank: int,
             tokenizer.save_pretrained(tmp / "adapter")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
     save_rng(tmp, rank)
+    if ahead is not None:
+        (tmp / f"ahead_rank{rank}.json").write_text(json.dumps(ahead))
     collectives.barrier()
     if rank == 0:
         if final.exists():
@@ -125,6 +128,15 @@ def save(output_dir: Path, step: int, policy, tokenizer, state: dict, rank: int,
 def read_state(folder: Path) -> dict:
     """The trainer state of a checkpoint (step, data position, the settings resume checks)."""
     return json.loads((folder / "trainer_state.json").read_text())
+
+
+def read_ahead(folder: Path, rank: int) -> list:
+    """This rank's batches generated ahead of the checkpoint (async_generation)."""
+    path = folder / f"ahead_rank{rank}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: {folder} was not written with async_generation, so the "
+                                "batches generated ahead of it cannot be restored; resume with async_generation=false")
+    return json.loads(path.read_text())
 
 
 def restore(folder: Path, policy, rank: int) -> dict:

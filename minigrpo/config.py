@@ -76,6 +76,12 @@ class Config:
     # endpoints and weight broadcast take pushes from anyone who reaches them (docs/layouts.md).
     vllm_server_allow_remote: bool = False
     vllm_server_tensor_parallel_size: int = 1  # 1 only: the weight-transfer engine serves one worker
+    # rollout=vllm_server: generate step t+max_staleness's batch while step t trains (minigrpo/ahead.py),
+    # with exactly the weights of step t-1; 0 is the synchronous loop. A stale batch's loss uses the
+    # engine's log-probs as the behaviour policy (or, with a rollout_correction, weighs by them;
+    # sequence_mask or token_truncate are recommended). Off: generation and training take turns.
+    async_generation: bool = False
+    max_staleness: int = 1
     vllm_server_devices: str | None = None  # its CUDA_VISIBLE_DEVICES on a GPU machine, e.g. "3" (required there)
     # The share of the server's own GPU(s) vLLM takes (GPU machines; on CPU the KV cache is
     # vllm_kv_cache_gib or its default). Not vllm_gpu_memory_utilization: that one is the colocated
@@ -234,6 +240,17 @@ class Config:
         need(self.vllm_server_port is None or 0 <= self.vllm_server_port < 65536, "vllm_server_port",
              "must be a TCP port (or 0/null: start a server)")
         need(self.vllm_server_timeout > 0, "vllm_server_timeout", "must be > 0 seconds")
+        need(self.max_staleness >= 0, "max_staleness", "must be >= 0 (0: the synchronous loop)")
+        if self.async_generation:
+            need(self.rollout == "vllm_server", "rollout",
+                 "async_generation needs rollout=vllm_server: colocated, the engine and the training share the "
+                 "process and its device, so there is nothing to overlap (and vLLM's sleep mode frees the engine's "
+                 "memory exactly while training runs)")
+            need(not self.dynamic_sampling, "dynamic_sampling",
+                 "does not combine with async_generation: its extra rounds depend on the rewards of the round before")
+            need(self.num_iterations == 1 or self.rollout_correction != "none", "num_iterations",
+                 "> 1 with async_generation needs a rollout_correction (sequence_mask or token_truncate) to weigh the "
+                 "older policy that generated the batch")
         need(self.vllm_server_tensor_parallel_size == 1, "vllm_server_tensor_parallel_size",
              "must be 1: minigrpo's weight-transfer engine (vllm_plugin.py) serves one vLLM worker")
         if self.rollout == "vllm_server" and not self.vllm_server_port:

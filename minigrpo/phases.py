@@ -27,8 +27,8 @@ import torch
 
 from minigrpo import collectives, lora
 from minigrpo.algo import LOSS_TERMS, group_advantages, grpo_loss, loss_is_zero, loss_metric_names, pooled_std, spread_groups
+from minigrpo.ahead import draw, generate
 from minigrpo.algo import token_weights
-from minigrpo.batching import prompt_indices, rollout_seed
 from minigrpo.engine import PolicyEngine
 from minigrpo.evaluation import phrase_rate
 from minigrpo.rewards import RewardScores, repeat_columns, score_completions
@@ -51,6 +51,8 @@ class Rollouts:
     generated_scores: RewardScores
     rounds: int  # generation rounds drawn (dynamic sampling: up to dynamic_sampling_max_rounds)
     data_position: int  # the next prompt of the data order once this step's rounds are drawn
+    weight_version: int  # the step whose weights generated it (0: the start)
+    staleness: int  # optimizer steps between those weights and the policy it trains (0 unless generated ahead)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,17 +84,20 @@ class Update:
 def collect_rollouts(run: Run, step: int, position: int, timer: PhaseTimer) -> Rollouts:
     """Generate and score: one round is prompts_per_step prompts over the ranks, G completions each.
     With dynamic sampling (DAPO), groups whose rewards are all equal are dropped and rounds are drawn
-    until every rank has its share of groups with a spread, or the bound is reached."""
+    until every rank has its share of groups with a spread, or the bound is reached. With generation
+    ahead (async_generation), the round was generated earlier (ahead.py) and is only taken here."""
     cfg, G = run.cfg, run.cfg.num_generations
     rounds, need, generated, kept = 0, run.layout.prompts_per_rank, [], []  # generated/kept: per round
+    version = step - 1  # the weights the engine holds now
     while True:
-        idx = prompt_indices(position, len(run.train_set), cfg.prompts_per_step, cfg.seed, run.info.rank,
-                             run.info.world_size)
-        position += cfg.prompts_per_step  # every rank, every round: the position stays global
-        reward_prompts, prompt_ids, columns = run.train_set.select(idx)  # [P]
         with timer("generate"):
-            seed = rollout_seed(cfg.seed, step, run.info.rank, run.info.world_size, len(prompt_ids) * G, rounds)
-            batch = run.rollout.generate(prompt_ids, dataclasses.replace(run.sampling, seed=seed))  # [N]
+            if run.ahead is not None:  # launches step + max_staleness, waits for this step's round
+                drawn = run.ahead.next(run, step, position)
+            else:
+                drawn = draw(run, step, position, rounds, version)
+                drawn.batch = generate(run, drawn)
+        position, version, batch = drawn.position, drawn.version, drawn.batch  # [N]
+        reward_prompts, prompt_ids, columns = run.train_set.select(drawn.idx)  # [P]
         with timer("reward"):
             scores = score_completions(
                 run.rewards, batch.texts, [p for p in reward_prompts for _ in range(G)], repeat_columns(columns, G), G,
@@ -105,7 +110,7 @@ def collect_rollouts(run: Run, step: int, position: int, timer: PhaseTimer) -> R
             groups = [g for g in groups if spread[g]][:need]
         need -= len(groups)
         generated.append((batch, scores))
-        kept.append((batch.groups(groups), scores.groups(groups), [run.train_set.texts[idx[g]] for g in groups]))
+        kept.append((batch.groups(groups), scores.groups(groups), [run.train_set.texts[drawn.idx[g]] for g in groups]))
         rounds += 1
         if (not cfg.dynamic_sampling or rounds == cfg.dynamic_sampling_max_rounds
                 or collectives.all_reduce_scalars([float(need)], "max")[0] == 0):
@@ -117,7 +122,7 @@ def collect_rollouts(run: Run, step: int, position: int, timer: PhaseTimer) -> R
         prompt_texts=[t for _, _, texts in kept for t in texts],
         generated=RolloutBatch.concat([b for b, _ in generated]),
         generated_scores=RewardScores.concat([r for _, r in generated]),
-        rounds=rounds, data_position=position,
+        rounds=rounds, data_position=position, weight_version=version, staleness=(step - 1) - version,
     )
 
 
@@ -172,6 +177,14 @@ def update_policy(run: Run, batch: StepBatch, timer: PhaseTimer) -> Update:
         step_seqs, step_tokens = collectives.all_reduce_scalars([len(rollouts), sum(map(len, rollouts.completion_ids))])
         sequence_level = cfg.importance_sampling_level == "sequence"
         stats, grad_norm, gaps, applied = [], float("nan"), [], 0
+
+        def behaviour(engine_lp, skip):
+            """The ratio's denominator when there are no old log-probs of the trainer's: None (on-policy,
+            ratio 1 in value) unless the batch was generated with older weights (async_generation) and
+            no rollout correction weighs that: then the engine's log-probs, the policy that sampled it."""
+            stale = batch.rollouts.staleness > 0 and cfg.rollout_correction == "none" and not skip
+            return engine_lp if stale else None
+
         for it in range(cfg.num_iterations):
             for k, s in enumerate(batch.micro):
                 if batch.ghost[k]:
@@ -185,7 +198,7 @@ def update_policy(run: Run, batch: StepBatch, timer: PhaseTimer) -> Update:
                 lp, ent = (engine_lp, None) if skip else _score(policy, rollouts, s, cfg, with_entropy=True)  # [n, T]
                 mask, engine_lp = mask.to(lp.device), engine_lp.to(lp.device)
                 loss, m = grpo_loss(
-                    lp, batch.old_logprobs[k] if batch.old_logprobs and not skip else None,
+                    lp, batch.old_logprobs[k] if batch.old_logprobs and not skip else behaviour(engine_lp, skip),
                     batch.ref_logprobs[k] if batch.ref_logprobs else None,
                     batch.advantages[s].to(lp.device), mask, beta=cfg.beta,
                     eps_low=cfg.sequence_epsilon if sequence_level else cfg.epsilon,
@@ -215,6 +228,9 @@ def push_weights(run: Run, step: int, update: Update, timer: PhaseTimer) -> None
     with timer("push"):
         if run.cfg.vllm_sleep:  # every step, a skipped one too: the next generation needs the engine
             run.rollout.wake_up()
+        if run.ahead is not None:  # pushes only between generations: every batch ahead is generated
+            run.ahead.settle()
+            collectives.barrier()  # every rank's, not only rank 0's, before rank 0 pushes
         if update.applied:  # a skipped (non-finite) step changed nothing: the engine is still in sync
             sync_weights(run.rollout, run.policy, run.probe_ids, run.probe_atol, version=step)
 
@@ -256,6 +272,11 @@ def step_metrics(run: Run, step: int, batch: StepBatch, update: Update, timer: P
     metrics["batch/completions"] = sum_over_ranks(len(r.batch))  # trained on: prompts_per_step * G (DAPO: up to)
     metrics["dynamic/groups_kept"] = metrics["batch/completions"] / G  # over all ranks
     metrics["dynamic/prompts_drawn"] = float(r.rounds * cfg.prompts_per_step)
+    if run.ahead is not None:  # the same on every rank: a function of the step
+        metrics["async/staleness"], metrics["async/weight_version"] = float(r.staleness), float(r.weight_version)
+        for key in ("ratio_mean", "ratio_max", "clip_fraction", "rollout_is/weight_mean", "rollout_is/ratio_max"):
+            if key in metrics:  # the importance ratios by the staleness of the batch they come from
+                metrics[f"async/staleness_{r.staleness}/{key}"] = metrics[key]
     if step % cfg.logging_steps == 0 or step == cfg.max_steps:
         metrics["param_checksum"] = check_replicas(run.policy)
     return metrics

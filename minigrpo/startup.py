@@ -26,6 +26,7 @@ from minigrpo.rewards import REWARD_ARGUMENTS, Reward
 from minigrpo.rewards.isolation import accepted_keywords
 from minigrpo.rollout import Sampling, make_engine
 from minigrpo.runtime import seed_everything
+from minigrpo.ahead import Ahead
 from minigrpo.sync import PROBE_TEXT, probe_tolerance, sync_weights
 
 
@@ -63,6 +64,7 @@ class Run:
     sampling: Sampling  # the training sampling; each round gets its own seed
     probe_ids: list[int]
     probe_atol: float | None  # the push probe's tolerance (None: the engine shares the policy's weights)
+    ahead: Ahead | None = None  # async_generation: the batches generated ahead of training
 
     @property
     def main(self) -> bool:
@@ -141,6 +143,10 @@ def start_run(cfg: Config, rewards: list[Reward], train_dataset, eval_dataset, t
                         top_p=cfg.top_p, top_k=cfg.top_k, stop=tuple(cfg.stop))
     run = Run(cfg, info, layout, out, model_path, rewards, tokenizer, train_set, eval_set, policy, reference, adapter, rollout,
               sampling, probe_ids, probe_atol)
+    if cfg.async_generation:
+        run = dataclasses.replace(run, ahead=Ahead(cfg.max_staleness, cfg.max_steps))
+        if state.step > 0:  # what was generated ahead of the checkpoint, with weights that are gone now
+            run.ahead.from_json(ckpt.read_ahead(ckpt.latest_checkpoint(out), info.rank))
     return run, state
 
 

@@ -152,4 +152,4 @@ def _save(run: Run, state: LoopState) -> Path:
               "nonfinite_skipped_steps": run.policy.optimizer.skipped, "nonfinite_in_a_row": state.nonfinite_in_a_row,
               **run_identity(run.cfg)}
     return ckpt.save(run.out, state.step, run.policy, run.tokenizer, record, run.info.rank, run.cfg.save_total_limit,
-                     run.adapter)
+                     run.adapter, ahead=run.ahead.to_json() if run.ahead is not None else None)

@@ -21,7 +21,7 @@
                    is (a known trainer/engine mismatch, for the rollout correction)
 
 The faults are injected by wrapping names the step's phases look up at call time
-(`minigrpo.phases.grpo_loss`, `score_completions`, `sync_weights`, `rollout_seed`, and the resume
+(`minigrpo.phases.grpo_loss`, `score_completions`, `sync_weights`, `minigrpo.ahead.rollout_seed`, and the resume
 push's `minigrpo.startup.sync_weights`); nothing in minigrpo is changed. One line per event goes to stdout for the test to read:
 
     [faulty] step K                  step K began (its prompts were chosen)
@@ -158,9 +158,9 @@ def _record_sleep() -> None:
 
 def _inject(nan_at: set[int], break_push_at: int | None, push_fault: str, diverge_at: int | None = None,
             break_rank: int | None = None, scale_at: tuple[int, float] = (-1, 1.0)) -> None:
-    from minigrpo import phases, startup
+    from minigrpo import ahead, phases, startup
 
-    seed_of, loss_fn, score, push = phases.rollout_seed, phases.grpo_loss, phases.score_completions, phases.sync_weights
+    seed_of, loss_fn, score, push = ahead.rollout_seed, phases.grpo_loss, phases.score_completions, phases.sync_weights
 
     def rollout_seed(seed, step, *a, **k):
         global STEP
@@ -194,7 +194,7 @@ def _inject(nan_at: set[int], break_push_at: int | None, push_fault: str, diverg
         _event(f"push {STEP}")
         return push(*a, **k)
 
-    phases.rollout_seed, phases.grpo_loss = rollout_seed, grpo_loss
+    ahead.rollout_seed, phases.grpo_loss = rollout_seed, grpo_loss  # draw() looks it up in minigrpo.ahead
     phases.score_completions, phases.sync_weights = score_completions, sync_weights
     startup.sync_weights = sync_weights  # the push of a resumed checkpoint's weights ("push 0")
 
