@@ -57,6 +57,16 @@ def generate(run, drawn: Drawn) -> RolloutBatch:
     return run.rollout.generate(prompt_ids, dataclasses.replace(run.sampling, seed=drawn.seed))  # [N]
 
 
+def behaviour_logprobs(staleness: int, rollout_correction: str, engine_logprobs):
+    """The loss's old log-probs (the ratio's denominator) when the trainer computed none of its own
+    (num_iterations 1): None for a batch of the current weights (on-policy: the ratio is 1 in value,
+    as in the synchronous loop); for a stale one (generated ahead), the engine's log-probs [n, T], the
+    policy that sampled it, so the clipped ratio is pi_theta / pi_behaviour, unless a rollout
+    correction weighs the difference instead (then the ratio is on-policy and the correction's
+    weight is pi_theta / pi_behaviour, truncated or masked: decoupled PPO)."""
+    return engine_logprobs if staleness > 0 and rollout_correction == "none" else None
+
+
 class Ahead:
     """The batches launched ahead of training, oldest first (see the module docstring)."""
 

@@ -27,7 +27,7 @@ import torch
 
 from minigrpo import collectives, lora
 from minigrpo.algo import LOSS_TERMS, group_advantages, grpo_loss, loss_is_zero, loss_metric_names, pooled_std, spread_groups
-from minigrpo.ahead import draw, generate
+from minigrpo.ahead import behaviour_logprobs, draw, generate
 from minigrpo.algo import token_weights
 from minigrpo.engine import PolicyEngine
 from minigrpo.evaluation import phrase_rate
@@ -178,13 +178,6 @@ def update_policy(run: Run, batch: StepBatch, timer: PhaseTimer) -> Update:
         sequence_level = cfg.importance_sampling_level == "sequence"
         stats, grad_norm, gaps, applied = [], float("nan"), [], 0
 
-        def behaviour(engine_lp, skip):
-            """The ratio's denominator when there are no old log-probs of the trainer's: None (on-policy,
-            ratio 1 in value) unless the batch was generated with older weights (async_generation) and
-            no rollout correction weighs that: then the engine's log-probs, the policy that sampled it."""
-            stale = batch.rollouts.staleness > 0 and cfg.rollout_correction == "none" and not skip
-            return engine_lp if stale else None
-
         for it in range(cfg.num_iterations):
             for k, s in enumerate(batch.micro):
                 if batch.ghost[k]:
@@ -198,7 +191,8 @@ def update_policy(run: Run, batch: StepBatch, timer: PhaseTimer) -> Update:
                 lp, ent = (engine_lp, None) if skip else _score(policy, rollouts, s, cfg, with_entropy=True)  # [n, T]
                 mask, engine_lp = mask.to(lp.device), engine_lp.to(lp.device)
                 loss, m = grpo_loss(
-                    lp, batch.old_logprobs[k] if batch.old_logprobs and not skip else behaviour(engine_lp, skip),
+                    lp, (batch.old_logprobs[k] if batch.old_logprobs else
+                         behaviour_logprobs(batch.rollouts.staleness, cfg.rollout_correction, engine_lp)) if not skip else None,
                     batch.ref_logprobs[k] if batch.ref_logprobs else None,
                     batch.advantages[s].to(lp.device), mask, beta=cfg.beta,
                     eps_low=cfg.sequence_epsilon if sequence_level else cfg.epsilon,
@@ -225,12 +219,13 @@ def update_policy(run: Run, batch: StepBatch, timer: PhaseTimer) -> Update:
 # ------------------------------------------------------------------------------------------ 5. push
 def push_weights(run: Run, step: int, update: Update, timer: PhaseTimer) -> None:
     """Load step `step`'s updated weights into the rollout engine and verify them (exact check and probe)."""
+    if run.ahead is not None:  # pushes only between generations: every batch ahead is generated
+        with timer("generate"):  # what training did not hide of the generation ahead
+            run.ahead.settle()
+            collectives.barrier()  # every rank's, not only rank 0's, before rank 0 pushes
     with timer("push"):
         if run.cfg.vllm_sleep:  # every step, a skipped one too: the next generation needs the engine
             run.rollout.wake_up()
-        if run.ahead is not None:  # pushes only between generations: every batch ahead is generated
-            run.ahead.settle()
-            collectives.barrier()  # every rank's, not only rank 0's, before rank 0 pushes
         if update.applied:  # a skipped (non-finite) step changed nothing: the engine is still in sync
             sync_weights(run.rollout, run.policy, run.probe_ids, run.probe_atol, version=step)
 

@@ -40,6 +40,7 @@ from tiny_task import REWARDS as TASK_REWARDS
 from tiny_task import TINY_DEFAULTS, tiny_dataset
 
 STEP = 0  # the step being run; forked reward processes inherit it
+NUM_ITERATIONS = 1  # the run's num_iterations: rewards' trainer_state counts updates
 HANG_AT = 10**9
 OOM_AT = -1
 
@@ -180,6 +181,9 @@ def _inject(nan_at: set[int], break_push_at: int | None, push_fault: str, diverg
         return (loss * float("nan") if STEP in nan_at else loss), metrics
 
     def score_completions(*a, **k):
+        global STEP
+        if k.get("trainer_state") is not None:  # the step being scored (async_generation draws ahead of it)
+            STEP = k["trainer_state"].global_step // NUM_ITERATIONS + 1
         _event(f"reward {STEP} {time.time():.3f}")
         return score(*a, **k)
 
@@ -200,7 +204,7 @@ def _inject(nan_at: set[int], break_push_at: int | None, push_fault: str, diverg
 
 
 def main(argv: list[str]) -> None:
-    global HANG_AT, OOM_AT
+    global HANG_AT, OOM_AT, NUM_ITERATIONS
     from minigrpo import Config, train
 
     flags = dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--"))
@@ -219,6 +223,7 @@ def main(argv: list[str]) -> None:
     _inject(nan_at, break_at, flags.get("push-fault", "nothing"), diverge_at, break_rank, (int(scale[0]), float(scale[1])))
     rewards = [REWARDS[name] for name in flags.get("rewards", "says_a").split(",")]
     cfg = Config.load(None, TINY_DEFAULTS + [f"model={model_dir}", f"output_dir={out_dir}"] + overrides)
+    NUM_ITERATIONS = cfg.num_iterations
     try:
         train(cfg, rewards, tiny_dataset(), tiny_dataset(16, seed=1), template=None, resume="resume" in flags)
     except Exception as e:

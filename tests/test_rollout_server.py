@@ -8,6 +8,7 @@ tests load weights wrongly inside the server (tests/server_faults.py) or change 
 the failure tests kill or freeze one side and time how long the other takes to stop.
 """
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -390,7 +391,8 @@ def test_a_lost_trainer_ends_the_server_it_started(tiny_model, tmp_path, how):
         pid = int(re.search(r"starting vLLM's server for the rollouts \(pid (\d+)\)",
                             (tmp_path / "trainer.err").read_text()).group(1))
         served = descendants(pid)  # vLLM's API server and its engine core
-        os.kill(rank_pid(0 if how == "rank 0 killed" else 1, out), signal.SIGKILL if how == "rank 0 killed" else signal.SIGSTOP)
+        lost_rank = rank_pid(0 if how == "rank 0 killed" else 1, out)
+        os.kill(lost_rank, signal.SIGKILL if how == "rank 0 killed" else signal.SIGSTOP)
         lost = time.monotonic()
         deadline = lost + (15 if how == "rank 0 killed" else 30 + 90)
         while (alive(pid) or any(alive(p) for p in served)) and time.monotonic() < deadline:
@@ -398,5 +400,7 @@ def test_a_lost_trainer_ends_the_server_it_started(tiny_model, tmp_path, how):
         seconds = time.monotonic() - lost
     finally:
         kill_group(trainer)
+        with contextlib.suppress(ProcessLookupError, UnboundLocalError):
+            os.kill(lost_rank, signal.SIGKILL)  # torchrun's SIGTERM waits in a stopped rank; each rank has its own group
     assert not alive(pid) and not any(alive(p) for p in served), (tmp_path / "trainer.err").read_text()[-3000:]
     print(f"{how} -> the server it started was gone after {seconds:.1f} s")

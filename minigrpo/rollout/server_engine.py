@@ -429,8 +429,11 @@ class VLLMServerEngine:
                              log_level=log_level, **launch)
         supervisor = [sys.executable, "-m", "minigrpo.rollout.serve", "--watch-pid", str(os.getpid()), "--"]
         with open(self.log_path, "w") as log:
-            # the supervisor kills the server's process group once this process is gone, however it ends
-            self.child = subprocess.Popen([*supervisor, *cmd], stdout=log, stderr=subprocess.STDOUT, env=env)
+            # The supervisor kills the server's process group once this process is gone, however it
+            # ends; in a session of its own, so that a signal to this job's process group (Ctrl-C,
+            # a kill of the whole group) does not stop it before it has done so.
+            self.child = subprocess.Popen([*supervisor, *cmd], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                          start_new_session=True)
         atexit.register(self._stop_child)
         print(f"[minigrpo] starting vLLM's server for the rollouts (pid {self.child.pid}); its log: {self.log_path}",
               flush=True)
