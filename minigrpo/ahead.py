@@ -19,6 +19,7 @@ in every checkpoint (per rank), because regenerating it on resume would need wei
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -36,6 +37,7 @@ class Drawn:
     position: int  # the data position after this draw
     version: int  # the weights it is generated with: the step they are from (0: the start)
     batch: RolloutBatch | None = None  # [N = P*G]
+    seconds: float = 0.0  # how long its generation took (on the thread: not the step's wait)
 
     def staleness(self) -> int:
         """How many optimizer steps behind the policy that trains on it (step - 1) its weights are."""
@@ -52,9 +54,12 @@ def draw(run, step: int, position: int, round_: int = 0, version: int = 0) -> Dr
 
 
 def generate(run, drawn: Drawn) -> RolloutBatch:
-    """The completions of a drawn round, from the run's rollout engine."""
+    """The completions of a drawn round, from the run's rollout engine; records the seconds it took."""
     _, prompt_ids, _ = run.train_set.select(drawn.idx)  # [P]
-    return run.rollout.generate(prompt_ids, dataclasses.replace(run.sampling, seed=drawn.seed))  # [N]
+    start = time.perf_counter()
+    batch = run.rollout.generate(prompt_ids, dataclasses.replace(run.sampling, seed=drawn.seed))  # [N]
+    drawn.seconds = time.perf_counter() - start
+    return batch
 
 
 def behaviour_logprobs(staleness: int, rollout_correction: str, engine_logprobs):
@@ -111,8 +116,14 @@ class Ahead:
         return [{**{k: v for k, v in dataclasses.asdict(d).items() if k != "batch"},
                  "batch": dataclasses.asdict(d.batch)} for d in self.pending.values()]
 
-    def from_json(self, saved: list[dict]) -> None:
+    def from_json(self, saved: list[dict], step: int) -> None:
+        """Restore what `to_json` saved after `step`; refuse batches staler than max_staleness allows
+        now (a resume with a smaller max_staleness), before any step runs."""
         self.pending = OrderedDict((d["step"], Drawn(**{**d, "batch": RolloutBatch(**d["batch"])})) for d in saved)
+        too_old = [d.step for d in self.pending.values() if d.staleness() > self.k]
+        if too_old:
+            raise ValueError(f"the checkpoint of step {step} holds batches generated ahead for steps {too_old} with "
+                             f"weights older than max_staleness={self.k} allows; resume with the run's max_staleness")
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

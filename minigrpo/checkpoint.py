@@ -131,12 +131,10 @@ def read_state(folder: Path) -> dict:
 
 
 def read_ahead(folder: Path, rank: int) -> list:
-    """This rank's batches generated ahead of the checkpoint (async_generation)."""
+    """This rank's batches generated ahead of the checkpoint (async_generation); none in a checkpoint
+    of a synchronous run, which then continues with generation ahead from its next step."""
     path = folder / f"ahead_rank{rank}.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: {folder} was not written with async_generation, so the "
-                                "batches generated ahead of it cannot be restored; resume with async_generation=false")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 def restore(folder: Path, policy, rank: int) -> dict:

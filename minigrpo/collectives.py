@@ -87,12 +87,17 @@ def barrier() -> None:
 # not the trainer's default group; these functions serve it.
 
 
+def pair_backend() -> str:
+    """The two-process group's backend on this side: both sides must agree (server_engine checks it)."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
 def pair_group(store: dist.Store, rank: int, timeout: float):
     """The two-process group (trainer rank 0 = 0, the rollout server = 1) over `store`, built
     directly: the trainer's default group already exists, so not `init_process_group`. Both sides
     call this: NCCL between GPUs, gloo between CPU processes."""
     delta = datetime.timedelta(seconds=timeout)
-    if torch.cuda.is_available():
+    if pair_backend() == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = delta
         return dist.ProcessGroupNCCL(store, rank, 2, opts)

@@ -246,6 +246,9 @@ class Config:
                  "async_generation needs rollout=vllm_server: colocated, the engine and the training share the "
                  "process and its device, so there is nothing to overlap (and vLLM's sleep mode frees the engine's "
                  "memory exactly while training runs)")
+            need(self.top_p == 1.0 and self.top_k == 0, "async_generation",
+                 "needs top_p=1 and top_k=0: a stale batch's ratio divides by the engine's log-probs, which with "
+                 "top-p/top-k are of the filtered distribution, not the policy's")
             need(not self.dynamic_sampling, "dynamic_sampling",
                  "does not combine with async_generation: its extra rounds depend on the rewards of the round before")
             need(self.num_iterations == 1 or self.rollout_correction != "none", "num_iterations",

@@ -52,6 +52,7 @@ class Rollouts:
     rounds: int  # generation rounds drawn (dynamic sampling: up to dynamic_sampling_max_rounds)
     data_position: int  # the next prompt of the data order once this step's rounds are drawn
     weight_version: int  # the step whose weights generated it (0: the start)
+    generate_seconds: float  # the generation's own time (with generation ahead: on the thread, overlapped)
     staleness: int  # optimizer steps between those weights and the policy it trains (0 unless generated ahead)
 
 
@@ -88,7 +89,7 @@ def collect_rollouts(run: Run, step: int, position: int, timer: PhaseTimer) -> R
     ahead (async_generation), the round was generated earlier (ahead.py) and is only taken here."""
     cfg, G = run.cfg, run.cfg.num_generations
     rounds, need, generated, kept = 0, run.layout.prompts_per_rank, [], []  # generated/kept: per round
-    version = step - 1  # the weights the engine holds now
+    version, seconds = step - 1, []  # the weights the engine holds now; each round's generation time
     while True:
         with timer("generate"):
             if run.ahead is not None:  # launches step + max_staleness, waits for this step's round
@@ -97,6 +98,7 @@ def collect_rollouts(run: Run, step: int, position: int, timer: PhaseTimer) -> R
                 drawn = draw(run, step, position, rounds, version)
                 drawn.batch = generate(run, drawn)
         position, version, batch = drawn.position, drawn.version, drawn.batch  # [N]
+        seconds.append(drawn.seconds)
         reward_prompts, prompt_ids, columns = run.train_set.select(drawn.idx)  # [P]
         with timer("reward"):
             scores = score_completions(
@@ -123,6 +125,7 @@ def collect_rollouts(run: Run, step: int, position: int, timer: PhaseTimer) -> R
         generated=RolloutBatch.concat([b for b, _ in generated]),
         generated_scores=RewardScores.concat([r for _, r in generated]),
         rounds=rounds, data_position=position, weight_version=version, staleness=(step - 1) - version,
+        generate_seconds=sum(seconds),
     )
 
 
@@ -221,8 +224,13 @@ def push_weights(run: Run, step: int, update: Update, timer: PhaseTimer) -> None
     """Load step `step`'s updated weights into the rollout engine and verify them (exact check and probe)."""
     if run.ahead is not None:  # pushes only between generations: every batch ahead is generated
         with timer("generate"):  # what training did not hide of the generation ahead
-            run.ahead.settle()
-            collectives.barrier()  # every rank's, not only rank 0's, before rank 0 pushes
+            error = None
+            try:
+                run.ahead.settle()
+            except Exception as e:  # re-raised below, after the other ranks have heard of it
+                error = e
+            # every rank's generation is done, not only rank 0's, before rank 0 pushes
+            collectives.raise_if_any(error, RuntimeError, "a generation ahead")
     with timer("push"):
         if run.cfg.vllm_sleep:  # every step, a skipped one too: the next generation needs the engine
             run.rollout.wake_up()
@@ -254,7 +262,7 @@ def step_metrics(run: Run, step: int, batch: StepBatch, update: Update, timer: P
         "completion/self_verification_rate": phrase_rate(r.generated.texts, cfg.self_verification_phrases),
         "logprob_gap": float(torch.stack(update.logprob_gaps).mean()) if update.logprob_gaps else float("nan"),
         "skipped_micro_batches": float(np.mean(batch.skip)),
-        **timer.metrics(), "tokens_per_second": sum(lengths) / max(timer.seconds["generate"], 1e-9),
+        **timer.metrics(), "tokens_per_second": sum(lengths) / max(r.generate_seconds, 1e-9),
         "nonfinite_skipped_steps": float(run.policy.optimizer.skipped),
         # the exact push check's share of time/push (bits sums on both sides)
         "time/push_checksum": getattr(run.rollout, "last_checksum_seconds", 0.0) if update.applied else 0.0,

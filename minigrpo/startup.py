@@ -134,9 +134,11 @@ def start_run(cfg: Config, rewards: list[Reward], train_dataset, eval_dataset, t
 
     out = Path(cfg.output_dir)
     state = _resume(cfg, out, policy, info) if resume else LoopState()
-    if state.step > 0 or cfg.lora_quantize:
+    if state.step > 0 or cfg.lora_quantize or cfg.rollout == "vllm_server":
         # The engine loaded the model's own weights; the policy is a checkpoint's, or (Q-LoRA) the
-        # dequantized 4-bit base. Pushed with the exact check only: the probe is calibrated next.
+        # dequantized 4-bit base; or the engine is a server that outlives runs, and a joined one may
+        # hold what an earlier run pushed (the probe's calibration below would take any difference
+        # for noise). Pushed with the exact check only: the probe is calibrated next.
         sync_weights(rollout, policy, probe_ids, None, version=state.step)
     probe_atol = probe_tolerance(rollout, policy, probe_ids, cfg.sync_check_atol, info.rank == 0)  # same weights now
     sampling = Sampling(n=cfg.num_generations, max_tokens=cfg.max_completion_length, temperature=cfg.temperature,
@@ -146,7 +148,7 @@ def start_run(cfg: Config, rewards: list[Reward], train_dataset, eval_dataset, t
     if cfg.async_generation:
         run = dataclasses.replace(run, ahead=Ahead(cfg.max_staleness, cfg.max_steps))
         if state.step > 0:  # what was generated ahead of the checkpoint, with weights that are gone now
-            run.ahead.from_json(ckpt.read_ahead(ckpt.latest_checkpoint(out), info.rank))
+            run.ahead.from_json(ckpt.read_ahead(ckpt.latest_checkpoint(out), info.rank), state.step)
     return run, state
 
 

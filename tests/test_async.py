@@ -28,15 +28,27 @@ ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT / "tes
 
 
 class Engine:
-    """Generates one token per completion: the version of the weights it holds, after a delay, so a
-    push that did not wait for the generation in flight would show up as a newer version."""
+    """Generates one token per completion: the version of the weights it holds. A generation takes
+    50 ms; a push (setting `version`) while one is in flight is an error, as it would change the
+    weights under it."""
 
     def __init__(self):
-        self.version, self.calls = 0, []
+        self._version, self.calls, self.in_flight = 0, [], 0
+
+    @property
+    def version(self):
+        return self._version
+
+    @version.setter
+    def version(self, v):
+        assert self.in_flight == 0, "weights pushed while a generation was in flight"
+        self._version = v
 
     def generate(self, prompt_ids, sampling):
-        held = self.version
-        time.sleep(0.01)
+        self.in_flight += 1
+        held = self._version
+        time.sleep(0.05)
+        self.in_flight -= 1
         self.calls.append((threading.current_thread().name, sampling.seed))
         n = len(prompt_ids) * sampling.n
         return RolloutBatch([p for p in prompt_ids for _ in range(sampling.n)], [[held]] * n, ["x"] * n, [[-1.0]] * n,
@@ -74,7 +86,7 @@ def test_each_batch_comes_from_the_weights_of_its_step_minus_one_minus_k(k):
         assert (drawn.idx, drawn.seed, drawn.position) == (same.idx, same.seed, same.position)
         position = drawn.position
         assert len(ahead.pending) == min(k, 9 - step)  # launched ahead, never past max_steps
-        ahead.settle()  # what the push phase does first
+        ahead.settle()  # what the push phase does first: without it the push below fails
         engine.version = step  # the push of step's weights
     assert any(name.startswith("minigrpo-ahead") for name, _ in engine.calls)  # generated on the thread
     ahead.close()
@@ -89,12 +101,22 @@ def test_what_was_generated_ahead_round_trips_through_a_checkpoint_exactly():
     ahead.settle()
     saved = json.loads(json.dumps(ahead.to_json()))
     restored = Ahead(2, max_steps=9)
-    restored.from_json(saved)
+    restored.from_json(saved, 1)
     assert list(restored.pending) == [2, 3]
     assert restored.pending == ahead.pending  # dataclass equality: the batches' every field
     engine.version = 1
     after, expected = restored.next(fake_run(engine), 2, position=-1), ahead.next(fake_run(Engine()), 2, position=-1)
     assert after == expected and after.version == 0  # the restored batch, not a new one
+    with pytest.raises(ValueError, match="max_staleness=1 allows"):  # step 3's batch is 2 steps stale
+        Ahead(1, max_steps=9).from_json(saved, 1)
+
+
+def test_settle_is_needed_before_a_push():
+    engine = Engine()
+    ahead = Ahead(1, max_steps=9)
+    ahead.next(fake_run(engine), 1, 0)  # step 2's generation is now in flight
+    with pytest.raises(AssertionError, match="in flight"):
+        engine.version = 1
 
 
 def test_a_failed_generation_ahead_is_raised_when_its_batch_is_needed():
@@ -119,6 +141,7 @@ def test_async_generation_settings_are_checked():
     Config(rollout="vllm_server", async_generation=True)
     Config(rollout="vllm_server", async_generation=True, num_iterations=2, rollout_correction="sequence_mask")
     refused = ((dict(rollout="vllm"), "colocated, the engine and the training share"),
+               (dict(top_p=0.9), "needs top_p=1 and top_k=0"), (dict(top_k=20), "needs top_p=1 and top_k=0"),
                (dict(rollout="torch"), "needs rollout=vllm_server"),
                (dict(dynamic_sampling=True), "dynamic_sampling"),
                (dict(num_iterations=2), "needs a rollout_correction"),
@@ -188,12 +211,19 @@ def test_a_run_killed_with_a_batch_ahead_resumes_to_the_same_steps(tiny_model, t
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, faulty, str(tiny_model), str(out), *common, "--hang-at=3"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV, start_new_session=True)
+    server = None
     for line in proc.stdout:  # "[faulty] reward 3 <time>": step 3's rewards began, and hang
+        if "starting vLLM's server for the rollouts (pid " in line:
+            server = int(line.split("(pid ")[1].split(")")[0])  # its supervisor
         if line.startswith("[faulty] reward 3 "):
             break
     assert checkpoint_dir(out, 2).is_dir()
     os.killpg(proc.pid, signal.SIGKILL)  # the trainer; the server's supervisor then stops the server
     proc.wait()
+    deadline = time.monotonic() + 15
+    while Path(f"/proc/{server}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not Path(f"/proc/{server}").exists(), "the server outlived its SIGKILLed trainer"
     ahead = json.loads((checkpoint_dir(out, 2) / "ahead_rank0.json").read_text())
     assert [(b["step"], b["version"]) for b in ahead] == [(3, 1)]
     resumed = run(out, "--hang-at=99", "--resume")

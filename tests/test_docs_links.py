@@ -8,7 +8,7 @@ What is checked, per page:
   tokens that start with a top-level tracked folder (TOP_DIRS) or are a top-level file (TOP_FILES),
   relative to the repository root. `file.py::test` and `file.py:function` are checked for their file
   part, a glob must match at least one file, a placeholder (`<model>`, `step-N`, `{x}`) is skipped;
-- dotted module names, `minigrpo.rollout.server`: the module (file or package) must exist; what follows a
+- dotted module names, `minigrpo.rollout.serve`: the module (file or package) must exist; what follows a
   module may be an attribute.
 Run outputs (`outputs/...`, `runs/...`, `checkpoints/...`) are not repository paths: not in TOP_DIRS.
 Stdlib only, no model: it runs in well under a second.

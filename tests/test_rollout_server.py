@@ -288,11 +288,21 @@ def test_every_push_is_checked_exactly_transport_and_packed_head_included(tiny_m
 
 @slow
 def test_two_ranks_and_a_server_stay_in_sync(tiny_model, tmp_path):
+    # with async_generation (the synchronous 2-rank path runs in the failure tests below): each
+    # rank generates ahead on its own thread, all settle before rank 0 pushes
     rows, stdout = train(tiny_model, tmp_path / "run", "rollout=vllm_server", "max_steps=3", "beta=0.04",
+                         "async_generation=true", "save_steps=2",
                          f"vllm_server_timeout={10 * TIMEOUT}", launcher=torchrun(29541))
     assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["async/staleness"] for r in rows] == [0, 1, 1]
+    from minigrpo.checkpoint import checkpoint_dir
+
+    for rank in (0, 1):  # step 3's batch of each rank, generated with step 1's weights
+        ahead = json.loads((checkpoint_dir(tmp_path / "run", 2) / f"ahead_rank{rank}.json").read_text())
+        assert [(b["step"], b["version"], len(b["batch"]["completion_ids"])) for b in ahead] == [(3, 1, 16)]
     assert all(r["batch/completions"] == 4 * 8 for r in rows)  # 2 ranks x 2 prompts x 8, all served
-    assert max(r["logprob_gap"] for r in rows) < 1e-3  # both ranks sampled from the pushed weights
+    # engine vs trainer log-probs: the pushed weights, one step behind from step 2 on
+    assert rows[0]["logprob_gap"] < 1e-3 and max(r["logprob_gap"] for r in rows) < 0.5
     assert all("param_checksum" in r for r in rows)  # the trainer raises if the replicas diverged
     pid = int(re.search(r"starting vLLM's server for the rollouts \(pid (\d+)\)", stdout).group(1))
     assert not alive(pid)  # the trainer's server ends with the trainer

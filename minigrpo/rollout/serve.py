@@ -60,8 +60,8 @@ def check_host(host: str, allow_remote: bool) -> None:
 def server_command(model: str, *, host: str = "127.0.0.1", port: int = 8000, dtype: str | None = None,
                    max_model_len: int | None = None, seed: int = 0, kv_cache_gib: float | None = None,
                    gpu_memory_utilization: float | None = None, enforce_eager: bool = False,
-                   trust_remote_code: bool = False, tensor_parallel_size: int = 1,
-                   enable_prefix_caching: bool = True, log_level: str = "warning") -> list[str]:
+                   trust_remote_code: bool = False, enable_prefix_caching: bool = True,
+                   log_level: str = "warning") -> list[str]:
     """The command line of vLLM's server with minigrpo's plugin and the settings the trainer checks."""
     on_gpu = _on_gpu()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",  # not `vllm serve`: its version
@@ -72,15 +72,17 @@ def server_command(model: str, *, host: str = "127.0.0.1", port: int = 8000, dty
            "--logprobs-mode", "processed_logprobs",
            # vLLM 0.32: without this the model's generation_config.json fills fields a request leaves out
            "--generation-config", "vllm",
+           # vLLM 0.32: the RL router's weight-transfer engine, by its registered name (vllm_plugin.register)
            "--weight-transfer-config", json.dumps({"backend": BACKEND}),
+           # vLLM 0.32: a class mixed into the worker (our calls via /collective_rpc), and ASGI
+           # middleware added with app.add_middleware(cls)
            "--worker-extension-cls", WORKER_EXTENSION, "--middleware", MIDDLEWARE,
-           "--tensor-parallel-size", str(tensor_parallel_size),
            "--uvicorn-log-level", "warning" if log_level in ("warning", "error") else log_level]
     if max_model_len:
         cmd += ["--max-model-len", str(max_model_len)]
     if kv_cache_gib is None and gpu_memory_utilization is None and not on_gpu:
         kv_cache_gib = DEFAULT_CPU_KV_CACHE_GIB
-    if kv_cache_gib is not None:
+    if kv_cache_gib is not None:  # vLLM 0.32: an absolute KV-cache size (on CPU the utilization is of RAM)
         cmd += ["--kv-cache-memory-bytes", str(int(kv_cache_gib * 2**30))]
     elif gpu_memory_utilization is not None:
         cmd += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
@@ -102,7 +104,9 @@ def server_env(secret: str, log_level: str = "warning", base: dict | None = None
         "VLLM_SERVER_DEV_MODE": "1",  # vLLM 0.32 registers the RL router and /collective_rpc only then
         AUTHKEY_ENV: secret,
         "VLLM_LOGGING_LEVEL": log_level.upper(),
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",  # a trainer's colocated setting must not leak in
+        # vLLM 0.32: the API server needs its engine core in a process of its own; the colocated
+        # engine sets "0" in the trainer's environment, which the server inherits
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
     })
     return env
 
@@ -110,15 +114,19 @@ def server_env(secret: str, log_level: str = "warning", base: dict | None = None
 def supervise(cmd: list[str], env: dict, watch_pid: int) -> int:
     """Run `cmd` in a process group of its own; kill the group when `watch_pid` is gone or when the
     server exits (vLLM's engine core is a child of the API server and outlives a killed parent)."""
-    server = subprocess.Popen(cmd, env=env, start_new_session=True)
+    server = None
 
     def stop(*_):
+        if server is None:
+            return
         try:
             os.killpg(server.pid, signal.SIGKILL)  # a server blocked in a gloo broadcast ignores SIGTERM
         except ProcessLookupError:
             pass
 
-    signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(143)))
+    signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(143)))  # before the server exists: no gap
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the trainer; we follow when it is gone
+    server = subprocess.Popen(cmd, env=env, start_new_session=True)
     while True:
         code = server.poll()
         if code is not None:
@@ -142,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--allow-remote-weight-push", action="store_true",
                    help="allow a non-loopback --host: the network to the trainer must be private")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--dtype")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-model-len", type=int)
@@ -167,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         str(resolve_model(args.model)), host=args.host, port=args.port, dtype=args.dtype,
         max_model_len=args.max_model_len, seed=args.seed, kv_cache_gib=args.kv_cache_gib,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-        trust_remote_code=args.trust_remote_code, tensor_parallel_size=args.tensor_parallel_size,
-        enable_prefix_caching=args.enable_prefix_caching, log_level=args.log_level)
+        trust_remote_code=args.trust_remote_code, enable_prefix_caching=args.enable_prefix_caching, log_level=args.log_level)
     env = server_env(secret, args.log_level)
     print(f"[minigrpo serve] {' '.join(cmd)}", file=sys.stderr, flush=True)
     os.execvpe(cmd[0], cmd, env)  # by hand: become vLLM's server (signals go straight to it)

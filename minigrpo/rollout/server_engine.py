@@ -54,6 +54,9 @@ from minigrpo.rollout.push_check import check_engine_sums, from_wire
 from minigrpo.rollout.serve import AUTHKEY_ENV, BACKEND, check_host, server_command, server_env
 
 DEFAULT_BROADCAST_CHUNK_BYTES = 256 * 2**20
+# Straight to the server: urllib's default opener sends requests (and our secret) through any
+# HTTP_PROXY in the environment, which clusters often set, and loopback is not always in no_proxy.
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 MAX_CONCURRENT_REQUESTS = 64  # per rank; vLLM's scheduler batches what arrives
 
 
@@ -131,6 +134,7 @@ class VLLMServerEngine:
                                          log_level, launch)
                 self._set_server(status)
                 self.served = self._check_served(model_path, max_model_len)
+                self._open_weight_channel()
             except Exception as err:  # noqa: BLE001 told to the other ranks too, so none waits forever
                 self._stop_child()
                 status = {"error": f"{type(err).__name__}: {err}"}
@@ -141,8 +145,6 @@ class VLLMServerEngine:
         if self.rank != 0:
             self._set_server(status)
             self.served = self._get("/v1/models")["data"][0]["id"]
-        if self.rank == 0:
-            self._open_weight_channel()
         atexit.register(self.close)
 
     # ------------------------------------------------------------------ generation
@@ -157,7 +159,8 @@ class VLLMServerEngine:
         bodies = [{
             "model": self.served, "prompt": list(p), "n": per_request, "max_tokens": sampling.max_tokens,
             # every field sent: the server's defaults must not decide the sampling
-            "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+            "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k, "min_p": 0.0,
+            "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
             "stop": list(sampling.stop), "stop_token_ids": list(sampling.stop_token_ids),
             # child j of a request gets seed + j (vLLM 0.32), as in the colocated engine
             "seed": None if sampling.seed is None else sampling.seed + i * g,
@@ -235,7 +238,9 @@ class VLLMServerEngine:
                 hashing += time.perf_counter() - t
                 yield name, tensor
 
-        self._post("/pause?mode=wait&clear_cache=true")  # in-flight requests finish with the old weights
+        # vLLM 0.32: mode=wait lets in-flight requests finish with the old weights; the caches of the
+        # old weights are cleared before /pause returns (clear_cache, its default, marked deprecated)
+        self._post("/pause?mode=wait")
         try:
             self._post("/start_weight_update")
             try:
@@ -247,44 +252,49 @@ class VLLMServerEngine:
                     self._while_posting("/update_weights", {"update_info": info}, lambda failed, buf=buf: collectives.broadcast_in(
                         self.group, buf, 0, self.timeout, f"the weight broadcast to {self.name}", stop=failed))
             except _ServerFailed:
-                raise  # the server's engine has ended the update itself (vllm_plugin.receive_weights)
-            except Exception:
-                self._post("/finish_weight_update")  # our side failed: put back the layers left on the meta device
+                raise  # the server's engine has ended the update itself (vllm_plugin: update_weights)
+            except Exception as err:
+                # our side failed: the server's layers may sit on the meta device until the update ends
+                _cleanup(err, self._post, "/finish_weight_update")
                 raise
             self._post("/finish_weight_update", {"weight_version": str(version)})
             self.last_broadcast_seconds = time.perf_counter() - start
             t = time.perf_counter()
+            # vLLM 0.32 /collective_rpc: {"results": [one per worker]}
             answer = self._post("/collective_rpc", {"method": "minigrpo_parameter_sums", "args": [sorted(sent)]})
             check_engine_sums([from_wire(r) for r in answer["results"]], sent)
             self.last_checksum_seconds = hashing + time.perf_counter() - t  # both sides' sums
-        finally:
-            self._post("/resume")
+        except Exception as err:
+            _cleanup(err, self._post, "/resume")  # the error that ended the push is the one raised
+            raise
+        self._post("/resume")
         if probe is not None:
             self.verify(probe)
         self.last_push_seconds = time.perf_counter() - start
 
     def verify(self, probe: Probe) -> None:
         """Score `probe.token_ids`; raise `WeightSyncError` if any logprob is off by more than atol."""
+        if len(probe.expected) != len(probe.token_ids) - 1:
+            raise ValueError(f"probe has {len(probe.token_ids)} tokens but {len(probe.expected)} expected values")
         got = torch.tensor(self.score([list(probe.token_ids)])[0], dtype=torch.float64)  # [L-1]
         diff = (got - torch.tensor(probe.expected, dtype=torch.float64)).abs().max().item()
         if not diff <= probe.atol:  # also catches NaN
             raise WeightSyncError(f"{self.name}: probe logprobs differ from the policy's by {diff:.3g} > atol {probe.atol}")
 
     def _open_weight_channel(self) -> None:
-        """Our TCPStore and group rank 0; the server's engine joins as rank 1. The store's constructor
-        waits for the server, so the request that makes it join goes out first, on a thread."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            store_port = s.getsockname()[1]
-        info = {"master_address": self._address_seen_by_server(), "master_port": store_port, "timeout_s": self.timeout}
+        """Our TCPStore and group rank 0; the server's engine joins as rank 1 through
+        `/init_weight_transfer_engine`, posted on a thread because both sides block until the other
+        is there. The store takes a free port itself (no gap between choosing and binding it)."""
+        delta, address = datetime.timedelta(seconds=self.timeout), self._address_seen_by_server()
+        self.store = dist.TCPStore(address, 0, 2, True, delta, wait_for_workers=False)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        info = {"master_address": address, "master_port": self.store.port,
+                "timeout_s": self.timeout, "backend": collectives.pair_backend()}
 
         def open_group():
-            delta = datetime.timedelta(seconds=self.timeout)
-            self.store = dist.TCPStore(info["master_address"], store_port, 2, True, delta)
             self.group = collectives.pair_group(self.store, 0, self.timeout)
 
         self._while_posting("/init_weight_transfer_engine", {"init_info": info}, lambda failed: open_group())
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     def _while_posting(self, path: str, body: dict, work) -> None:
         """POST on a thread while `work(failed)` runs here: both block until the other side joins
@@ -341,6 +351,8 @@ class VLLMServerEngine:
         if info["logprobs_mode"] != "processed_logprobs":
             problems.append(f"logprobs mode {info['logprobs_mode']} (needs processed_logprobs: the log-probs of the "
                             "distribution sampled from)")
+        if info["world_size"] != 1:
+            problems.append(f"{info['world_size']} workers (the weight-transfer engine {BACKEND!r} serves one)")
         if info["weight_transfer"] != BACKEND:
             problems.append(f"weight transfer {info['weight_transfer']!r} (needs {BACKEND!r})")
         if problems:
@@ -365,8 +377,11 @@ class VLLMServerEngine:
     def _concurrently(self, path: str, bodies: list[dict], retry: bool) -> list:
         if len(bodies) == 1:
             return [self._request("POST", path, bodies[0], retry)]
-        with ThreadPoolExecutor(min(len(bodies), MAX_CONCURRENT_REQUESTS)) as pool:
+        pool = ThreadPoolExecutor(min(len(bodies), MAX_CONCURRENT_REQUESTS))
+        try:
             return list(pool.map(lambda b: self._request("POST", path, b, retry), bodies))
+        finally:  # after an error, the queued requests are not sent (each would wait its own timeout)
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _request(self, method: str, path: str, body: dict | None, retry: bool):
         """One HTTP request with the secret and a `timeout`; a lost connection is retried once when
@@ -376,7 +391,7 @@ class VLLMServerEngine:
         for attempt in (0, 1):
             req = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                with _HTTP.open(req, timeout=self.timeout) as r:
                     text = r.read().decode()
                 return json.loads(text) if text else None
             except urllib.error.HTTPError as err:
@@ -425,8 +440,7 @@ class VLLMServerEngine:
         self.log_path = os.path.join(self._folder, "server.log")
         launch = {k: v for k, v in launch.items() if k in _LAUNCH_OPTIONS}
         cmd = server_command(str(model_path), host=host, port=port, dtype=dtype or self.dtype,
-                             max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-                             log_level=log_level, **launch)
+                             max_model_len=max_model_len, log_level=log_level, **launch)
         supervisor = [sys.executable, "-m", "minigrpo.rollout.serve", "--watch-pid", str(os.getpid()), "--"]
         with open(self.log_path, "w") as log:
             # The supervisor kills the server's process group once this process is gone, however it
@@ -446,7 +460,7 @@ class VLLMServerEngine:
                 raise RolloutServerError(f"{self.name} exited with code {self.child.returncode} while starting:\n"
                                          f"{_tail(self.log_path)}")
             try:
-                urllib.request.urlopen(urllib.request.Request(
+                _HTTP.open(urllib.request.Request(
                     self.base + "/health", headers={"Authorization": f"Bearer {self.secret}"}), timeout=5).close()
                 return status
             except (urllib.error.URLError, ConnectionError, HTTPException, TimeoutError):
@@ -480,6 +494,15 @@ class VLLMServerEngine:
 # Launch settings `serve.server_command` takes besides those named in VLLMServerEngine's signature.
 _LAUNCH_OPTIONS = ("seed", "kv_cache_gib", "gpu_memory_utilization", "enforce_eager", "trust_remote_code",
                    "enable_prefix_caching")
+
+
+def _cleanup(err: BaseException, post, path: str) -> None:
+    """A clean-up request after `err`: its own failure is added to `err` as a note, never raised in
+    its place (the first error says what went wrong)."""
+    try:
+        post(path)
+    except RolloutServerError as failed:
+        err.add_note(f"then {path} failed too: {failed}")
 
 
 def _url_host(host: str) -> str:

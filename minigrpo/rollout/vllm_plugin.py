@@ -68,6 +68,7 @@ class TorchInitInfo(WeightTransferInitInfo):
     master_address: str
     master_port: int
     timeout_s: float = 600.0
+    backend: str = "gloo"  # the trainer's side of the group: "gloo" or "nccl" (both sides must agree)
 
 
 @dataclass
@@ -92,6 +93,10 @@ class TorchWeightTransferEngine(WeightTransferEngine[TorchInitInfo, TorchUpdateI
     group = None
 
     def init_transfer_engine(self, init_info: TorchInitInfo) -> None:
+        if init_info.backend != collectives.pair_backend():
+            raise RuntimeError(f"the trainer's weight channel is {init_info.backend}, this server's "
+                               f"{collectives.pair_backend()}: both on GPUs (NCCL) or both on CPUs (gloo)")
+        # vLLM 0.32: parallel_config.world_size = tensor x pipeline parallel workers of this engine
         if self.parallel_config.world_size != 1:
             raise RuntimeError(f"weight transfer {BACKEND!r} serves one worker; this server has "
                                f"{self.parallel_config.world_size} (tensor parallelism is not supported)")
@@ -106,19 +111,23 @@ class TorchWeightTransferEngine(WeightTransferEngine[TorchInitInfo, TorchUpdateI
 
         initialize_layerwise_reload(self.model)
 
+    def update_weights(self, update_info: dict) -> None:
+        # vLLM 0.32: the base class parses the request body, then calls receive_weights; its worker
+        # drops the update on any error without finalizing it, which would leave layers on the meta
+        # device. So on any error here (a bad body too) the old weights of unfinished layers are put back.
+        try:
+            super().update_weights(update_info)
+        except Exception:
+            self.finish_weight_update()
+            raise
+
     def receive_weights(self, update_info: TorchUpdateInfo) -> None:
         if self.group is None:
             raise RuntimeError("update_weights before init_weight_transfer_engine")
         specs = list(zip(update_info.names, [tuple(s) for s in update_info.shapes], update_info.dtype_names, strict=True))
         buffer = torch.empty(pack_layout(specs)[1], dtype=torch.uint8, device=self.device)  # fresh: vLLM keeps views
-        try:
-            collectives.broadcast_in(self.group, buffer, 0, self.timeout, "a weight chunk's broadcast from the trainer")
-            self.model.load_weights(iter(unpack(buffer, specs)))
-        except Exception:
-            # vLLM 0.32's worker drops the update on an error without finalizing it, which would
-            # leave layers on the meta device: put back the old weights of unfinished layers first.
-            self.finish_weight_update()
-            raise
+        collectives.broadcast_in(self.group, buffer, 0, self.timeout, "a weight chunk's broadcast from the trainer")
+        self.model.load_weights(iter(unpack(buffer, specs)))
 
     def finish_weight_update(self) -> None:
         # finalize_layerwise_reload puts back the old weights of layers that received nothing, and
@@ -152,7 +161,8 @@ class MinigrpoWorkerExtension:
         mc = self.model_config
         transfer = getattr(self.vllm_config, "weight_transfer_config", None)  # vLLM 0.32: None without the flag
         return {"model": mc.model, "dtype": str(mc.dtype).removeprefix("torch."), "max_model_len": mc.max_model_len,
-                "logprobs_mode": str(mc.logprobs_mode), "weight_transfer": getattr(transfer, "backend", None)}
+                "logprobs_mode": str(mc.logprobs_mode), "weight_transfer": getattr(transfer, "backend", None),
+                "world_size": self.parallel_config.world_size}
 
 
 class RequireSecret:
