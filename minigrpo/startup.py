@@ -216,6 +216,7 @@ def _make_rollout(cfg: Config, model_path: Path, policy: PolicyEngine, tokenizer
         trust_remote_code=cfg.trust_remote_code, enforce_eager=cfg.vllm_enforce_eager,
         server_host=cfg.vllm_server_host, server_port=cfg.vllm_server_port, server_timeout=cfg.vllm_server_timeout,
         server_devices=cfg.vllm_server_devices, server_allow_remote=cfg.vllm_server_allow_remote,  # vllm_server only
+        server_log=Path(cfg.output_dir) / "vllm_server.log",  # a server rank 0 starts writes its log here
         tensor_parallel_size=cfg.vllm_server_tensor_parallel_size, log_level=cfg.log_level,
         **({"sleep_mode": True} if cfg.vllm_sleep else {}),  # colocated vLLM only (config-checked)
         **engine_memory(cfg, torch.cuda.is_available()),

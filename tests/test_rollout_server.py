@@ -306,6 +306,8 @@ def test_two_ranks_and_a_server_stay_in_sync(tiny_model, tmp_path):
     assert all("param_checksum" in r for r in rows)  # the trainer raises if the replicas diverged
     pid = int(re.search(r"starting vLLM's server for the rollouts \(pid (\d+)\)", stdout).group(1))
     assert not alive(pid)  # the trainer's server ends with the trainer
+    log = (tmp_path / "run" / "vllm_server.log").read_text()  # its log, with the run's outputs
+    assert "vllm.entrypoints.openai.api_server" in log and "--weight-transfer-config" in log
 
 
 @slow

@@ -30,7 +30,7 @@ VLLM_OPTIONS = (
 # Options of the "vllm_server" kind only (the others ignore them): where the server is, how long
 # any wait on it may take, and its tensor parallel size when the trainer starts it.
 SERVER_OPTIONS = ("server_host", "server_port", "server_timeout", "server_devices", "server_allow_remote",
-                  "tensor_parallel_size")
+                  "server_log", "tensor_parallel_size")
 
 
 def make_engine(
@@ -58,7 +58,7 @@ def make_engine(
         from minigrpo.rollout.server_engine import VLLMServerEngine  # no vLLM in this process
 
         named = {"server_host": "host", "server_port": "port", "server_timeout": "timeout", "server_devices": "devices",
-                 "server_allow_remote": "allow_remote"}
+                 "server_allow_remote": "allow_remote", "server_log": "log_path"}
         return VLLMServerEngine(model_path, **{named.get(k, k): v for k, v in server.items()}, **options)
     if kind == "vllm":
         if model_path is None:

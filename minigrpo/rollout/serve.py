@@ -126,6 +126,7 @@ def supervise(cmd: list[str], env: dict, watch_pid: int) -> int:
 
     signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(143)))  # before the server exists: no gap
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the trainer; we follow when it is gone
+    print(f"[minigrpo serve] watching trainer pid {watch_pid}; running: {' '.join(cmd)}", file=sys.stderr, flush=True)
     server = subprocess.Popen(cmd, env=env, start_new_session=True)
     while True:
         code = server.poll()

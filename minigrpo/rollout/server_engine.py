@@ -98,14 +98,16 @@ class VLLMServerEngine:
     stopped when the trainer ends, however it ends. Otherwise join the server at host:port with
     the secret in $MINIGRPO_ROLLOUT_AUTHKEY; a joined server is never stopped by us. Either way the
     server must serve `model_path` with our settings (checked once, on rank 0, before anything else).
-    `max_model_len`: the longest sequence the trainer asks for. The other options are the server's
-    launch settings when we start it.
+    `max_model_len`: the longest sequence the trainer asks for. `log_path`: where a server we start
+    writes its log (the trainer puts it in the run's output_dir; None: a temporary folder, removed
+    when the server ended well). The other options are the server's launch settings when we start it.
     """
 
     shares_policy_weights = False
 
     def __init__(self, model_path, *, host: str = "127.0.0.1", port: int | None = None, timeout: float = 600.0,
                  tensor_parallel_size: int = 1, devices: str | None = None, allow_remote: bool = False,
+                 log_path: str | os.PathLike | None = None,
                  push_chunk_bytes: int = DEFAULT_BROADCAST_CHUNK_BYTES, dtype: str | None = None,
                  max_model_len: int | None = None, log_level: str = "warning", **launch):
         if timeout <= 0:
@@ -131,7 +133,7 @@ class VLLMServerEngine:
                 else:
                     check_host(host, allow_remote)
                     status = self._start(model_path, host, tensor_parallel_size, devices, dtype, max_model_len,
-                                         log_level, launch)
+                                         log_level, log_path, launch)
                 self._set_server(status)
                 self.served = self._check_served(model_path, max_model_len)
                 self._open_weight_channel()
@@ -427,7 +429,8 @@ class VLLMServerEngine:
 
     # ------------------------------------------------------------------ a server we start
 
-    def _start(self, model_path, host, tensor_parallel_size, devices, dtype, max_model_len, log_level, launch) -> dict:
+    def _start(self, model_path, host, tensor_parallel_size, devices, dtype, max_model_len, log_level, log_path,
+               launch) -> dict:
         env = server_env(secrets.token_hex(32), log_level)
         if torch.cuda.is_available():
             env["CUDA_VISIBLE_DEVICES"] = server_gpus(
@@ -436,8 +439,12 @@ class VLLMServerEngine:
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
-        self._folder = tempfile.mkdtemp(prefix="minigrpo-rollout-")
-        self.log_path = os.path.join(self._folder, "server.log")
+        if log_path is None:
+            self._folder = tempfile.mkdtemp(prefix="minigrpo-rollout-")
+            self.log_path = os.path.join(self._folder, "server.log")
+        else:  # kept, with the run's other outputs
+            self._folder, self.log_path = None, str(log_path)
+            os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
         launch = {k: v for k, v in launch.items() if k in _LAUNCH_OPTIONS}
         cmd = server_command(str(model_path), host=host, port=port, dtype=dtype or self.dtype,
                              max_model_len=max_model_len, log_level=log_level, **launch)
@@ -487,7 +494,7 @@ class VLLMServerEngine:
         self.group = self.store = None
         if self.child is not None:
             self._stop_child()
-            if self.child.returncode in (0, 143, -signal.SIGTERM):  # keep the log of a server that failed
+            if self._folder and self.child.returncode in (0, 143, -signal.SIGTERM):  # keep a failed server's log
                 shutil.rmtree(self._folder, ignore_errors=True)
 
 
