@@ -9,8 +9,10 @@ come from the engine's workers (`vllm_engine._parameter_sums`, reached in-proces
 
 from __future__ import annotations
 
+import torch
+
 from minigrpo.checksum import fused_row_weighted_sum
-from minigrpo.rollout.base import WeightSyncError
+from minigrpo.rollout.base import Probe, WeightSyncError
 
 # vLLM 0.32 stacks a fused parameter's parts along dim 0 in this order (QKVParallelLinear: q, k, v;
 # MergedColumnParallelLinear: shard 0, 1, ...): the order the row-weighted check concatenates them in
@@ -65,6 +67,17 @@ def check_engine_sums(workers: list[dict], sent: dict[str, tuple[int, int, int, 
     if problems:
         raise WeightSyncError(f"{len(problems)} engine weight(s) differ from the pushed ones: "
                               + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
+
+
+def check_probe(engine, probe: Probe, name: str = "vLLM") -> None:
+    """Score `probe.token_ids` with `engine`; raise `WeightSyncError` if any log-prob is off by more
+    than the probe's atol (the check of what an exact parameter check cannot see, see `Probe`)."""
+    if len(probe.expected) != len(probe.token_ids) - 1:
+        raise ValueError(f"probe has {len(probe.token_ids)} tokens but {len(probe.expected)} expected values")
+    got = torch.tensor(engine.score([list(probe.token_ids)])[0], dtype=torch.float64)  # [L-1]
+    diff = (got - torch.tensor(probe.expected, dtype=torch.float64)).abs().max().item()
+    if not diff <= probe.atol:  # also catches NaN
+        raise WeightSyncError(f"{name}: probe logprobs differ from the policy's by {diff:.3g} > atol {probe.atol}")
 
 
 def to_wire(result: dict) -> dict:

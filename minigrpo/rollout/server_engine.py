@@ -50,7 +50,7 @@ from minigrpo import collectives
 from minigrpo.checksum import fingerprint
 from minigrpo.rollout.base import Probe, RolloutBatch, Sampling, WeightSyncError
 from minigrpo.rollout.packing import chunks, pack, specs_of
-from minigrpo.rollout.push_check import check_engine_sums, from_wire
+from minigrpo.rollout.push_check import check_engine_sums, check_probe, from_wire
 from minigrpo.rollout.serve import AUTHKEY_ENV, BACKEND, check_host, server_command, server_env
 
 DEFAULT_BROADCAST_CHUNK_BYTES = 256 * 2**20
@@ -276,12 +276,7 @@ class VLLMServerEngine:
 
     def verify(self, probe: Probe) -> None:
         """Score `probe.token_ids`; raise `WeightSyncError` if any logprob is off by more than atol."""
-        if len(probe.expected) != len(probe.token_ids) - 1:
-            raise ValueError(f"probe has {len(probe.token_ids)} tokens but {len(probe.expected)} expected values")
-        got = torch.tensor(self.score([list(probe.token_ids)])[0], dtype=torch.float64)  # [L-1]
-        diff = (got - torch.tensor(probe.expected, dtype=torch.float64)).abs().max().item()
-        if not diff <= probe.atol:  # also catches NaN
-            raise WeightSyncError(f"{self.name}: probe logprobs differ from the policy's by {diff:.3g} > atol {probe.atol}")
+        check_probe(self, probe, self.name)
 
     def _open_weight_channel(self) -> None:
         """Our TCPStore and group rank 0; the server's engine joins as rank 1 through

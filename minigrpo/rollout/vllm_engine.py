@@ -26,9 +26,9 @@ import torch
 import transformers
 
 from minigrpo.checksum import bits_sum, fingerprint, row_weighted_sum
-from minigrpo.rollout.base import Probe, RolloutBatch, Sampling, WeightSyncError
+from minigrpo.rollout.base import Probe, RolloutBatch, Sampling
 from minigrpo.rollout.packing import chunks
-from minigrpo.rollout.push_check import check_engine_sums
+from minigrpo.rollout.push_check import check_engine_sums, check_probe
 
 try:
     import vllm
@@ -284,12 +284,7 @@ class VLLMEngine:
 
     def verify(self, probe: Probe) -> None:
         """Score `probe.token_ids`; raise `WeightSyncError` if any logprob is off by more than atol."""
-        if len(probe.expected) != len(probe.token_ids) - 1:
-            raise ValueError(f"probe has {len(probe.token_ids)} tokens but {len(probe.expected)} expected values")
-        got = torch.tensor(self.score([list(probe.token_ids)])[0], dtype=torch.float64)  # [L-1]
-        diff = (got - torch.tensor(probe.expected, dtype=torch.float64)).abs().max().item()
-        if not diff <= probe.atol:  # also catches NaN
-            raise WeightSyncError(f"vLLM probe logprobs differ from the policy's by {diff:.3g} > atol {probe.atol}")
+        check_probe(self, probe)
 
 
 # ---------------------------------------------------------------------- worker-side functions
