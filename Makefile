@@ -9,9 +9,10 @@ setup:
 countdown: setup
 	.venv/bin/python examples/countdown.py $(ARGS)
 
-# Every test, the slow ones (real model, vLLM engine, DeepSpeed) included.
+# Every test, the slow ones (real model, vLLM engine, DeepSpeed) included; the 15 slowest are
+# listed at the end, so growth shows when it happens (issue 25).
 test: setup
-	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+	.venv/bin/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # On a GPU machine (a stock PyTorch image is enough): the tests marked `gpu`, then a table. Uses the
 # machine's own python3 and torch, not .venv; DeepSpeed from wheels/gpu/ if missing (make gpu-wheels).
