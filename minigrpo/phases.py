@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from minigrpo import collectives, lora
-from minigrpo.algo import LOSS_TERMS, group_advantages, grpo_loss, loss_is_zero, loss_metric_names, pooled_std, spread_groups
 from minigrpo.ahead import behaviour_logprobs, draw, generate
+from minigrpo.algo import LOSS_TERMS, group_advantages, grpo_loss, loss_is_zero, loss_metric_names, pooled_std, spread_groups
 from minigrpo.algo import token_weights
 from minigrpo.engine import PolicyEngine
 from minigrpo.evaluation import phrase_rate
@@ -180,7 +180,6 @@ def update_policy(run: Run, batch: StepBatch, timer: PhaseTimer) -> Update:
         step_seqs, step_tokens = collectives.all_reduce_scalars([len(rollouts), sum(map(len, rollouts.completion_ids))])
         sequence_level = cfg.importance_sampling_level == "sequence"
         stats, grad_norm, gaps, applied = [], float("nan"), [], 0
-
         for it in range(cfg.num_iterations):
             for k, s in enumerate(batch.micro):
                 if batch.ghost[k]:

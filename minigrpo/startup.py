@@ -16,6 +16,7 @@ import torch
 
 from minigrpo import checkpoint as ckpt
 from minigrpo import collectives, lora
+from minigrpo.ahead import Ahead
 from minigrpo.batching import PromptSet, prepare_prompts, required_columns, reward_columns
 from minigrpo.config import Config, ConfigError, Layout
 from minigrpo.engine import DistInfo, PolicyEngine, init_distributed, warmup_steps
@@ -26,7 +27,6 @@ from minigrpo.rewards import REWARD_ARGUMENTS, Reward
 from minigrpo.rewards.isolation import accepted_keywords
 from minigrpo.rollout import Sampling, make_engine
 from minigrpo.runtime import seed_everything
-from minigrpo.ahead import Ahead
 from minigrpo.sync import PROBE_TEXT, probe_tolerance, sync_weights
 
 

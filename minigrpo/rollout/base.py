@@ -118,6 +118,24 @@ class RolloutBatch:
         return ids, mask, lps
 
 
+def vllm_requests(prompt_ids: list[list[int]], sampling: Sampling) -> list[tuple[list[int], int, int | None]]:
+    """How both vLLM engines (colocated and server) ask for `sampling.n` completions of each prompt:
+    (prompt, n, seed) per request, in prompt-major order. One request of n = G per prompt; greedy,
+    G requests of n = 1 (vLLM 0.32 refuses n > 1 with greedy sampling). vLLM gives child j of a
+    request the seed `seed + j`; offsetting prompt i by i*G gives all N completions distinct seeds
+    while a fixed seed still reproduces the batch, in either engine."""
+    check_token_lists(prompt_ids, "prompt_ids")
+    g = sampling.n
+    per_request = 1 if sampling.temperature == 0 else g
+    return [(list(p), per_request, None if sampling.seed is None else sampling.seed + i * g)
+            for i, p in enumerate(prompt_ids) for _ in range(g // per_request)]
+
+
+def check_token_lists(seqs: list[list[int]], what: str) -> None:
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError(f"{what} must be a non-empty list of non-empty token id lists")
+
+
 class WeightSyncError(RuntimeError):
     """The engine does not compute with the weights it was sent: never train on stale weights."""
 

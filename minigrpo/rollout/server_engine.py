@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 from minigrpo import collectives
 from minigrpo.checksum import fingerprint
-from minigrpo.rollout.base import Probe, RolloutBatch, Sampling, WeightSyncError
+from minigrpo.rollout.base import Probe, RolloutBatch, Sampling, WeightSyncError, vllm_requests
 from minigrpo.rollout.packing import chunks, pack, specs_of
 from minigrpo.rollout.push_check import check_engine_sums, check_probe, from_wire
 from minigrpo.rollout.serve import AUTHKEY_ENV, BACKEND, check_host, server_command, server_env
@@ -153,27 +153,21 @@ class VLLMServerEngine:
 
     def generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> RolloutBatch:
         """`sampling.n` completions for each of the P prompts, prompt-major (N = P*G)."""
-        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
-            raise ValueError("prompt_ids must be a non-empty list of non-empty token id lists")
-        g = sampling.n
-        per_request = 1 if sampling.temperature == 0 else g  # vLLM 0.32 refuses n > 1 when greedy
-        copies = g // per_request
         bodies = [{
-            "model": self.served, "prompt": list(p), "n": per_request, "max_tokens": sampling.max_tokens,
+            "model": self.served, "prompt": p, "n": n, "max_tokens": sampling.max_tokens,
             # every field sent: the server's defaults must not decide the sampling
             "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k, "min_p": 0.0,
             "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
             "stop": list(sampling.stop), "stop_token_ids": list(sampling.stop_token_ids),
-            # child j of a request gets seed + j (vLLM 0.32), as in the colocated engine
-            "seed": None if sampling.seed is None else sampling.seed + i * g,
+            "seed": seed,  # the colocated engine's (base.vllm_requests)
             "logprobs": 0, "return_token_ids": True, "include_stop_str_in_output": True, "skip_special_tokens": True,
-        } for i, p in enumerate(prompt_ids) for _ in range(copies)]
+        } for p, n, seed in vllm_requests(prompt_ids, sampling)]
         answers = self._concurrently("/v1/completions", bodies, retry=True)
         prompts, ids, texts, lps, reasons = [], [], [], [], []
         for body, answer in zip(bodies, answers, strict=True):
             choices = sorted(answer["choices"], key=lambda c: c["index"])
-            if len(choices) != per_request:
-                raise RolloutServerError(f"{self.name} returned {len(choices)} completions for a request of {per_request}")
+            if len(choices) != body["n"]:
+                raise RolloutServerError(f"{self.name} returned {len(choices)} completions for a request of {body['n']}")
             for c in choices:
                 tokens, lp = c["token_ids"], c["logprobs"]["token_logprobs"]
                 if c["prompt_token_ids"] != body["prompt"]:
@@ -186,7 +180,7 @@ class VLLMServerEngine:
                 texts.append(c["text"])
                 lps.append(lp)
                 reasons.append(c["finish_reason"])
-        return RolloutBatch(prompts, ids, texts, lps, reasons, group_size=g)
+        return RolloutBatch(prompts, ids, texts, lps, reasons, group_size=sampling.n)
 
     def score(self, token_ids: list[list[int]]) -> list[list[float]]:
         """Log-probability of tokens 1..L-1 of each sequence under the server's weights (temperature 1)."""

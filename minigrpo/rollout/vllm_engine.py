@@ -26,7 +26,7 @@ import torch
 import transformers
 
 from minigrpo.checksum import bits_sum, fingerprint, row_weighted_sum
-from minigrpo.rollout.base import Probe, RolloutBatch, Sampling
+from minigrpo.rollout.base import Probe, RolloutBatch, Sampling, check_token_lists, vllm_requests
 from minigrpo.rollout.packing import chunks
 from minigrpo.rollout.push_check import check_engine_sums, check_probe
 
@@ -168,39 +168,32 @@ class VLLMEngine:
 
     def generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> RolloutBatch:
         """`sampling.n` completions for each of the P prompts, prompt-major (N = P*G)."""
-        _check_token_lists(prompt_ids, "prompt_ids")
-        g = sampling.n
-        # vLLM 0.32 refuses n > 1 with greedy sampling; then send G identical requests of n=1.
-        per_request = 1 if sampling.temperature == 0 else g
-        copies = g // per_request
+        g, requests = sampling.n, vllm_requests(prompt_ids, sampling)  # (prompt, n, seed) per request
         params = [
             vllm.SamplingParams(
-                n=per_request,
+                n=n,
                 max_tokens=sampling.max_tokens,
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
                 top_k=sampling.top_k,  # 0 disables top-k in vLLM 0.32, as in Sampling
                 stop=list(sampling.stop),
                 stop_token_ids=list(sampling.stop_token_ids),
-                # vLLM gives child j of a request the seed `seed + j`; offsetting by i*G gives all
-                # N completions distinct seeds while a fixed seed still reproduces the batch.
-                seed=None if sampling.seed is None else sampling.seed + i * g,
+                seed=seed,  # child j of the request gets seed + j (see vllm_requests)
                 logprobs=0,  # only the sampled token's logprob
                 # text == decoded tokens: the token that completes a stop string is in
                 # completion_ids, so its text belongs in the completion too.
                 include_stop_str_in_output=True,
                 skip_special_tokens=True,
             )
-            for i in range(len(prompt_ids))
-            for _ in range(copies)
+            for _, n, seed in requests
         ]
-        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids for _ in range(copies)]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)  # in request order
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p, _, _ in requests], params,
+                                    use_tqdm=False)  # in request order
         prompts, ids, texts, lps, reasons = [], [], [], [], []
-        for out in outputs:
+        for out, (_, n, _) in zip(outputs, requests, strict=True):
             completions = sorted(out.outputs, key=lambda c: c.index)
-            if len(completions) != per_request:
-                raise RuntimeError(f"vLLM returned {len(completions)} completions for a request, expected {per_request}")
+            if len(completions) != n:
+                raise RuntimeError(f"vLLM returned {len(completions)} completions for a request, expected {n}")
             for c in completions:
                 if c.finish_reason not in ("stop", "length"):
                     raise RuntimeError(f"vLLM completion finished with {c.finish_reason!r}, not stop/length")
@@ -219,7 +212,7 @@ class VLLMEngine:
     def score(self, token_ids: list[list[int]]) -> list[list[float]]:
         """Log-probability of each token given the ones before it (temperature 1, no filtering):
         for a sequence of L tokens, L-1 values for tokens 1..L-1."""
-        _check_token_lists(token_ids, "token_ids")
+        check_token_lists(token_ids, "token_ids")
         if any(len(seq) < 2 for seq in token_ids):
             raise ValueError("score needs sequences of at least 2 tokens")
         # vLLM 0.32: prompt logprobs are log_softmax of the raw logits whatever logprobs_mode is,
@@ -410,6 +403,4 @@ def _record_cpu_packing() -> None:
     utils.dispatch_cpu_unquantized_gemm = dispatch
 
 
-def _check_token_lists(seqs: list[list[int]], what: str) -> None:
-    if not seqs or any(len(s) == 0 for s in seqs):
-        raise ValueError(f"{what} must be a non-empty list of non-empty token id lists")
+
