@@ -19,6 +19,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from minigrpo import Config, train  # noqa: E402
+from minigrpo.cli import one_line_errors  # noqa: E402
+from minigrpo.config import ConfigError  # noqa: E402
+from minigrpo.models import resolve_model  # noqa: E402
 from minigrpo.data import R1_COUNTDOWN, load_recipe_tasks  # noqa: E402
 from minigrpo.rewards import (  # noqa: E402
     closeness_reward,
@@ -50,6 +53,7 @@ def load_config(argv: list[str] | None = None) -> tuple[argparse.Namespace, Conf
     p.add_argument("--gpu-memory", help="the GPU's memory for --plan, e.g. 80GB (default: this machine's GPU, else 80GB)")
     p.add_argument("--world-size", type=int, help="training ranks for --plan (default: $WORLD_SIZE, else 1)")
     p.add_argument("--force", action="store_true", help="run even if the memory plan does not fit the GPU")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error in the command or config")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # appended by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
@@ -57,10 +61,11 @@ def load_config(argv: list[str] | None = None) -> tuple[argparse.Namespace, Conf
     flags = {"model": args.model, "output_dir": args.output_dir, "max_steps": args.max_steps, "rollout": args.rollout,
              "memory_check": False if args.force else None}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
-    cfg = Config.load(args.config, overrides)  # every config error surfaces here, before any model loads
-    unknown = sorted(set(cfg.rewards) - set(COUNTDOWN_REWARDS))
-    if unknown:
-        raise SystemExit(f"rewards: unknown {unknown}; this script knows {sorted(COUNTDOWN_REWARDS)}")
+    with one_line_errors(args.debug):  # every config error surfaces here, before any model loads
+        cfg = Config.load(args.config, overrides)
+        unknown = sorted(set(cfg.rewards) - set(COUNTDOWN_REWARDS))
+        if unknown:
+            raise ConfigError(f"rewards: unknown {unknown}; this script knows {sorted(COUNTDOWN_REWARDS)}")
     return args, cfg
 
 
@@ -75,10 +80,12 @@ def print_plan(args: argparse.Namespace, cfg: Config) -> int:
     return 0 if plan.fits else 2
 
 
-def main() -> None:
-    args, cfg = load_config()
+def main(argv: list[str] | None = None) -> None:
+    args, cfg = load_config(argv)
     if args.plan:
         raise SystemExit(print_plan(args, cfg))
+    with one_line_errors(args.debug):  # a wrong model path (train would find it after minutes of start-up)
+        resolve_model(cfg.model)  # the built-in model is converted here once, then cached
     splits = load_recipe_tasks(cfg)  # without the tasks of its held-out set, if it names one
     out = train(cfg, [COUNTDOWN_REWARDS[name] for name in cfg.rewards], splits["train"], splits["test"], template=R1_COUNTDOWN,
                 resume=args.resume)

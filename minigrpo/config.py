@@ -14,6 +14,7 @@ completions into gradient_accumulation_steps micro-batches. The seed's run (TRL 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import types
@@ -24,6 +25,16 @@ from pathlib import Path
 import yaml
 
 from minigrpo.data.heldout import HELDOUT_SETS
+
+
+def unknown_keys_message(unknown: list[str], known: set[str]) -> str:
+    """`unknown config key 'learning_rat' (did you mean 'learning_rate'?)`, one clause per key."""
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        parts.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return (f"unknown config key{'s' if len(unknown) > 1 else ''} " + ", ".join(parts)
+            + "; every key and its meaning: minigrpo/config.py")
 
 
 class ConfigError(ValueError):
@@ -209,6 +220,8 @@ class Config:
         """Recipe YAML (or none: the defaults) + `key=value` overrides, then validated."""
         values: dict = {}
         if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"recipe file {path} not found (the recipes are in recipes/)")
             values = yaml.safe_load(Path(path).read_text()) or {}
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: a recipe is a mapping of keys to values")
@@ -221,7 +234,7 @@ class Config:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+            raise ConfigError(unknown_keys_message(unknown, known))
         return cls(**values)  # __post_init__ coerces and validates
 
     def to_dict(self) -> dict:

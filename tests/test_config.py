@@ -21,7 +21,7 @@ def test_seed_recipe_batch_meaning():
 
 
 def test_unknown_key_is_named():
-    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['learning_rte'\]"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'learning_rte' \(did you mean 'learning_rate'\?\)"):
         Config.from_dict({"learning_rte": 1e-6})
 
 
