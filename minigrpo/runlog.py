@@ -3,12 +3,15 @@ curves.png. Only rank 0 writes; the trainer decides what goes in."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import statistics
 import warnings
 from pathlib import Path
+
+from minigrpo.console import Ticker
 
 CURVES = (  # (title, metric keys drawn on it)
     ("reward", ("reward/total/mean",)),
@@ -123,22 +126,46 @@ def _finite_or_str(v):
 
 
 class Progress:
-    """A progress bar with step, reward, success rate and ETA, plus one concise line per logging step."""
+    """A progress bar with step, reward, success rate and ETA, plus one concise line per logging step.
+    While a step runs, the bar is redrawn every few seconds (minigrpo/console.py) with the phase
+    running now (`watch`: the step's PhaseTimer) or what the loop is `doing` between steps, so a step of
+    a minute is not a minute of a frozen screen."""
 
     def __init__(self, enabled: bool, start: int, total: int):
         self.enabled = enabled
+        self.timer, self.label, self.postfix = None, None, ""
         if enabled:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, desc="grpo", unit="step", dynamic_ncols=True)
             self.last = start
+            self.ticker = Ticker(lambda _: self._redraw())
+
+    def _redraw(self) -> None:
+        now = self.label or (f"{PHASE_WORDS[self.timer.current]} step {self.last + 1}"
+                             if self.timer is not None and self.timer.current else None)
+        self.bar.set_postfix_str(", ".join(p for p in (self.postfix, now) if p))  # refreshes the bar
+
+    def watch(self, timer) -> None:
+        """The step that starts now: the bar names its phases from `timer.current`."""
+        self.timer = timer
+
+    @contextlib.contextmanager
+    def doing(self, label: str):
+        """The bar names `label` while the block runs (an evaluation, a checkpoint)."""
+        self.label = label
+        try:
+            yield
+        finally:
+            self.label = None
 
     def update(self, step: int, m: dict) -> None:
         if not self.enabled:
             return
         self.bar.update(step - self.last)
         self.last = step
-        self.bar.set_postfix(reward=f"{m['reward/total/mean']:.3f}", success=f"{m['success_rate']:.2f}")
+        self.postfix = f"reward={m['reward/total/mean']:.3f}, success={m['success_rate']:.2f}"
+        self.bar.set_postfix_str(self.postfix)
         self.bar.write(
             f"step {step}: reward {m['reward/total/mean']:.3f} success {m['success_rate']:.3f} "
             f"kl {m['kl']:.4f} len {m['completion/length_mean']:.0f} grad {m['grad_norm']:.3f} "
@@ -155,7 +182,12 @@ class Progress:
 
     def close(self) -> None:
         if self.enabled:
+            self.ticker.stop()
             self.bar.close()
+
+
+PHASE_WORDS = {"generate": "generating", "reward": "scoring", "reference": "reference log-probs",
+               "train": "training", "push": "pushing weights"}  # PhaseTimer's phases, as the bar names them
 
 
 def eval_line(m: dict) -> str:

@@ -124,8 +124,11 @@ def seed_everything(seed: int) -> None:
 
 
 class PhaseTimer:
+    """Seconds per phase of one step; `current` is the phase running now (the step bar shows it)."""
+
     def __init__(self):
         self.seconds = {k: 0.0 for k in ("generate", "reward", "reference", "train", "push")}
+        self.current: str | None = None
 
     def __call__(self, name):
         timer = self
@@ -133,9 +136,11 @@ class PhaseTimer:
         class _Span:
             def __enter__(self):
                 self.t = time.perf_counter()
+                timer.current = name
 
             def __exit__(self, *exc):
                 timer.seconds[name] += time.perf_counter() - self.t
+                timer.current = None
 
         return _Span()
 

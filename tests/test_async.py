@@ -176,17 +176,23 @@ def test_staleness_zero_is_the_synchronous_loop(tiny_model, tmp_path):
             assert a[key] == b[key], (a["step"], key, a[key], b[key])
 
 
+# One step off-policy learns the tiny task more slowly than the synchronous loop (tiny_task.LEARN_STEPS):
+# reward 0.51 at step 11, 0.79 at 15, 0.84-0.98 from step 17 on (measured 2026-12-07; tail mean 0.94 at 22)
+ASYNC_LEARN_STEPS = 22
+
+
 @pytest.mark.slow
 def test_async_learns_and_its_sign_flipped_twin_does_not(tiny_model, tmp_path):
-    """The trainer test's task (30 steps x 32 completions, test_trainer.py) with every batch but the
+    """The trainer test's task (32 completions a step, test_trainer.py) with every batch but the
     first generated one step ahead, with the weights of the step before."""
-    rows = train(tiny_model, tmp_path / "learn", "async_generation=true")
-    assert [r["async/staleness"] for r in rows] == [0.0] + [1.0] * 29  # never beyond max_staleness
-    assert [r["async/weight_version"] for r in rows] == [0.0] + list(range(29))
+    rows = train(tiny_model, tmp_path / "learn", "async_generation=true", f"max_steps={ASYNC_LEARN_STEPS}")
+    assert [r["async/staleness"] for r in rows] == [0.0] + [1.0] * (ASYNC_LEARN_STEPS - 1)  # never beyond max_staleness
+    assert [r["async/weight_version"] for r in rows] == [0.0] + list(range(ASYNC_LEARN_STEPS - 1))
     assert rows[0]["reward/says_a/mean"] < 0.1
     assert tail_mean(rows, "reward/says_a/mean") > 0.8, [round(r["reward/says_a/mean"], 3) for r in rows]
     assert all(0.5 < r["async/staleness_1/ratio_mean"] < 2 for r in rows[1:])  # pi_theta / pi_behaviour, logged
-    flipped = train(tiny_model, tmp_path / "flip", "async_generation=true", "--reward=says_a_negated")
+    flipped = train(tiny_model, tmp_path / "flip", "async_generation=true", f"max_steps={ASYNC_LEARN_STEPS}",
+                    "--reward=says_a_negated")
     assert -tail_mean(flipped, "reward/says_a_negated/mean") < 0.05, \
         [round(-r["reward/says_a_negated/mean"], 3) for r in flipped]
 

@@ -82,6 +82,7 @@ _TWO_RANKS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.process
 def test_collectives_over_two_gloo_ranks_and_a_real_broadcast_deadline(tmp_path):
     script = tmp_path / "two.py"
     script.write_text(_TWO_RANKS)

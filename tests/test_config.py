@@ -118,6 +118,7 @@ def test_the_server_takes_its_own_share_of_its_gpu_not_the_colocated_one():
         Config(vllm_server_gpu_memory_utilization=1.5)
 
 
+@pytest.mark.process
 def test_the_process_group_timeout_is_a_setting():
     """DeepSpeed's default (10 minutes) can run out while rank 0 alone starts the server or writes a
     large checkpoint (issue 24): `dist_timeout_minutes` (default 60) reaches the process group."""

@@ -74,6 +74,7 @@ def _plan(*args):
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("recipe, ranks", [("countdown_cpu.yaml", 1), ("countdown_cpu_learn.yaml", 1),
                                            ("countdown_cpu_solve.yaml", 1), ("qwen2.5-1gpu-countdown.yaml", 1),
                                            ("qwen2.5-3b-countdown.yaml", 4)])
@@ -83,6 +84,7 @@ def test_every_shipped_recipe_plans_and_fits_its_gpus(recipe, ranks):
     assert "fits" in proc.stdout and "AdamW states" in proc.stdout and "per checkpoint" in proc.stdout
 
 
+@pytest.mark.process
 def test_a_run_that_cannot_fit_is_refused_with_the_numbers_and_what_to_change(tmp_path):
     # the 1-GPU recipe with the 3B model: ~86 GiB planned on an 80 GiB GPU (issue 24)
     proc = _plan("--config", "recipes/qwen2.5-1gpu-countdown.yaml", "model=Qwen/Qwen2.5-3B-Instruct", "--gpu-memory", "80GB")

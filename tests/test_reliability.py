@@ -725,6 +725,7 @@ def test_library_callers_get_the_exception_itself():
         Config.load(None, ["learning_rat=1e-5", "zzz=1"])
 
 
+@pytest.mark.process
 def test_the_one_line_error_is_what_the_process_prints():
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "countdown.py"), "learning_rat=1e-5"],
                           capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)})

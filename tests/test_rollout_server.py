@@ -86,6 +86,7 @@ def test_server_config_keys_are_checked():
             Config(rollout="vllm_server", **{key: value})
 
 
+@pytest.mark.process
 def test_a_server_we_start_listens_beyond_loopback_only_when_acknowledged():
     for host in ("0.0.0.0", "10.1.2.3", "node7"):
         with pytest.raises(ConfigError, match="vllm_server_allow_remote=true"):
@@ -120,6 +121,7 @@ def test_server_command_carries_what_the_trainer_checks(tiny_model):
                    "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
 
 
+@pytest.mark.process
 @needs_vllm
 def test_the_secret_is_asked_of_every_request_on_every_path(monkeypatch):
     import asyncio

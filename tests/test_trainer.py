@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from minigrpo.stats import wilson_interval
-from tiny_task import build_tiny_model
+from tiny_task import LEARN_STEPS, build_tiny_model, free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,13 +34,13 @@ def tail_mean(rows, key, k=5):
 
 
 def test_learns_with_vllm_and_sign_flipped_twin_does_not(tiny_model, tmp_path):
-    # A fresh model says "a" for ~1/31 of its words. 30 steps x 32 completions.
+    # A fresh model says "a" for ~1/31 of its words. LEARN_STEPS steps x 32 completions.
     console = []
-    rows = run(tiny_model, tmp_path / "learn", "rollout=vllm", stdout=console)
+    rows = run(tiny_model, tmp_path / "learn", "rollout=vllm", f"max_steps={LEARN_STEPS}", stdout=console)
     # log_level error (the default): vLLM's and DeepSpeed's own notices stay off the console
     chatter = [line for line in console[0].splitlines()
                if " INFO " in line or " WARNING " in line or "built successfully" in line or "Loading" in line]
-    assert not chatter and "step 30: reward" in console[0], chatter[:5]
+    assert not chatter and f"step {LEARN_STEPS}: reward" in console[0], chatter[:5]
     start, end = rows[0]["reward/says_a/mean"], tail_mean(rows, "reward/says_a/mean")
     assert start < 0.1, start
     assert end > 0.8, [round(r["reward/says_a/mean"], 3) for r in rows]
@@ -49,7 +49,7 @@ def test_learns_with_vllm_and_sign_flipped_twin_does_not(tiny_model, tmp_path):
     gaps = [r["logprob_gap"] for r in rows if r["skipped_micro_batches"] < 1]
     assert len(gaps) >= 10 and max(gaps) < 1e-3, gaps
 
-    flipped = run(tiny_model, tmp_path / "flip", "rollout=vllm", "--reward=says_a_negated")
+    flipped = run(tiny_model, tmp_path / "flip", "rollout=vllm", f"max_steps={LEARN_STEPS}", "--reward=says_a_negated")
     end_flipped = -tail_mean(flipped, "reward/says_a_negated/mean")
     assert end_flipped < 0.05, [round(-r["reward/says_a_negated/mean"], 3) for r in flipped]
 
@@ -139,7 +139,7 @@ def test_resume_gives_the_same_metrics(tiny_model, tmp_path):
 
 
 def test_two_ranks_stay_identical_and_split_the_batch(tiny_model, tmp_path):
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533")
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port())
     rows = run(tiny_model, tmp_path / "ddp", "rollout=vllm", "max_steps=4", "beta=0.04", launcher=launcher)
     # the trainer raises if the replicas' weight checksums differ; a finished run proves they matched
     assert all(r["batch/completions"] == 4 * 8 for r in rows)  # 2 ranks x 2 prompts x 8

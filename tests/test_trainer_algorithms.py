@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny_task import free_port
+from tiny_task import LEARN_STEPS, free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +47,7 @@ def tail_mean(rows, key, k=5):
 
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
 def test_still_learns_and_flipped_twin_still_does_not(tiny_model, tmp_path, options):
-    rows = run(tiny_model, tmp_path / "learn", "rollout=vllm", *options)
+    rows = run(tiny_model, tmp_path / "learn", "rollout=vllm", f"max_steps={LEARN_STEPS}", *options)
     curve = [round(r["reward/says_a/mean"], 3) for r in rows]
     assert rows[0]["reward/says_a/mean"] < 0.1 and tail_mean(rows, "reward/says_a/mean") > 0.8, curve
     computed = [r for r in rows if r["skipped_micro_batches"] < 1]  # steps with a forward pass
@@ -56,7 +56,8 @@ def test_still_learns_and_flipped_twin_still_does_not(tiny_model, tmp_path, opti
     if "entropy_coef=0.001" in options:
         assert all(0 < r["entropy"] < 11 for r in computed)  # log(49,152) = 10.8 is the ceiling
         assert rows[-1]["entropy"] < rows[0]["entropy"]  # it learned to say "a": sharper
-    flipped = run(tiny_model, tmp_path / "flip", "rollout=vllm", "--reward=says_a_negated", *options)
+    flipped = run(tiny_model, tmp_path / "flip", "rollout=vllm", f"max_steps={LEARN_STEPS}", "--reward=says_a_negated",
+                  *options)
     assert -tail_mean(flipped, "reward/says_a_negated/mean") < 0.05, [r["reward/says_a_negated/mean"] for r in flipped]
 
 
