@@ -2,14 +2,14 @@
 stretch in which nothing on the screen moved (issue 25: at most 10 minutes, no silence over ~15 s).
 
     .venv/bin/python benchmarks/first_command.py                  # make countdown, set-up done
-    .venv/bin/python benchmarks/first_command.py --runs 2         # and the median of 2
+    .venv/bin/python benchmarks/first_command.py --runs 2 --make  # `make countdown` twice, and the median
     .venv/bin/python benchmarks/first_command.py -- max_steps=2   # any arguments for the example
 
-Runs `examples/countdown.py` (what `make countdown` runs once set-up is done) in a subprocess with a
-fresh output folder, stamps every line it prints (a progress bar's redraws end in a carriage return,
-so they count as lines), and prints:
-- the phases, each from one start-up message ("[minigrpo] starting vLLM ...") or the first step to
-  the next, with their seconds;
+Runs `examples/countdown.py` (what `make countdown` runs once set-up is done; `--make`: the make
+command itself) in a subprocess with a fresh output folder, stamps every line it prints (a progress
+bar's redraws end in a carriage return, so they count as lines), and prints:
+- the phases: python start-up, each start-up stage ("[minigrpo] starting the vLLM engine ...",
+  minigrpo/console.py), the step-0 evaluation, the steps, the last evaluation, the checkpoint;
 - the longest silent stretches and the line that preceded each;
 - the held-out format and success before and after training, from the run's metrics.jsonl.
 Run it with nothing else heavy on the machine: its seconds are the machine's of that day.
@@ -61,7 +61,8 @@ def phases(lines: list[tuple[float, str]]) -> list[tuple[str, float]]:
         if stage:
             label = stage.group(1)
         elif text.startswith("grpo:"):
-            label = next((v for k, v in IN_BAR.items() if k in text), "training steps")
+            label = next((v for k, v in IN_BAR.items() if k in text),
+                         "saving the checkpoint" if marks[-1][1] in IN_BAR.values() else "training steps")
         elif text == "<exit>":
             label = "<exit>"
         else:
@@ -96,12 +97,14 @@ def held_out(metrics_file: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--make", action="store_true", help="run `make countdown` itself (set-up check included)")
     p.add_argument("args", nargs="*", help="arguments for examples/countdown.py (after --)")
     a = p.parse_args()
     walls = []
     for i in range(a.runs):
         with tempfile.TemporaryDirectory(prefix="first-command-") as tmp:
-            cmd = [sys.executable, "examples/countdown.py", "--output-dir", tmp, *a.args]
+            cmd = ([sys.executable, "examples/countdown.py", "--output-dir", tmp, *a.args] if not a.make else
+                   ["make", "countdown", f"ARGS=--output-dir {tmp} {' '.join(a.args)}"])
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             lines, rc = stamped_lines(cmd, env)
             if rc != 0:

@@ -133,3 +133,20 @@ def test_stages_are_skipped_when_their_file_is_there_and_minigrpo_resumes(tmp_pa
     learning_vs_trl.train_minigrpo("/start", tmp_path, 20, 2)  # the last one: done
     assert ["--resume" in cmd for cmd in ran] == [False, True]
     assert "max_steps=20" in ran[0] and "save_steps=10" in ran[0] and "eval_num_samples=0" in ran[0]
+
+
+def test_first_command_finds_the_phases_and_the_longest_silence():
+    """benchmarks/first_command.py: phases from the start-up stages and the step bar, silences between lines."""
+    from first_command import phases, silences
+
+    lines = [(7.0, "[minigrpo] loading m and its DeepSpeed engine ..."), (7.4, "[minigrpo] loading m and its DeepSpeed engine ... 0 s done"),
+             (7.5, "[minigrpo] starting the vLLM engine ..."), (12.5, "[minigrpo] starting the vLLM engine ... 5 s"),
+             (50.0, "[minigrpo] starting the vLLM engine ... 42 s done"), (50.1, "[minigrpo] step 0: evaluating 100 held-out tasks ..."),
+             (90.0, "[minigrpo] step 0, before training: held-out format 0.00"), (91.0, "grpo:   0%| 0/12"),
+             (400.0, "grpo:  100%| 12/12, evaluating 100 held-out tasks (greedy)"), (410.0, "grpo: 100%| 12/12, reward=0.9"),
+             (412.0, "<exit>")]
+    assert phases(lines) == [("python start-up and imports", 7.0), ("loading m and its DeepSpeed engine", 0.5),
+                             ("starting the vLLM engine", 42.6), ("step 0: evaluating 100 held-out tasks", 40.9),
+                             ("training steps", 309.0), ("held-out evaluation after the last step", 10.0),
+                             ("saving the checkpoint", 2.0)]
+    assert silences(lines, 2) == [(309.0, 91.0, "grpo:   0%| 0/12"), (39.9, 50.1, "[minigrpo] step 0: evaluating 100 held-out tasks ...")]
