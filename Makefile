@@ -17,7 +17,7 @@ TEST_WORKERS ?= 2
 test: setup
 	.venv/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15 $(PYTEST_ARGS)
 
-# The edit loop (~1 min here): the tests that load no real model, start no engine and launch no
+# The edit loop (~30 s here): the tests that load no real model, start no engine and launch no
 # program (markers slow and process left out); conftest.py fails a test here that tries.
 test-quick: setup
 	MINIGRPO_TEST_QUICK=1 .venv/bin/python -m pytest -q -m "not slow and not process and not gpu" --durations=5 $(PYTEST_ARGS)

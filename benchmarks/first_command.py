@@ -6,8 +6,9 @@ stretch in which nothing on the screen moved (issue 25: at most 10 minutes, no s
     .venv/bin/python benchmarks/first_command.py -- max_steps=2   # any arguments for the example
 
 Runs `examples/countdown.py` (what `make countdown` runs once set-up is done; `--make`: the make
-command itself) in a subprocess with a fresh output folder, stamps every line it prints (a progress
-bar's redraws end in a carriage return, so they count as lines), and prints:
+command itself) with a fresh output folder on a pseudo-terminal, so it shows what a user sees;
+stamps every line it shows (a progress bar's redraws end in a carriage return, so they count as
+lines), and prints:
 - the phases: python start-up, each start-up stage ("[minigrpo] starting the vLLM engine ...",
   minigrpo/console.py), the step-0 evaluation, the steps, the last evaluation, the checkpoint;
 - the longest silent stretches and the line that preceded each;
@@ -16,13 +17,17 @@ Run it with nothing else heavy on the machine: its seconds are the machine's of 
 """
 
 import argparse
+import fcntl
 import json
 import os
+import pty
 import re
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from pathlib import Path
 
@@ -30,27 +35,37 @@ ROOT = Path(__file__).resolve().parent.parent
 # what opens a phase: a start-up stage ("[minigrpo] starting the vLLM engine ... 12 s", minigrpo/console.py),
 # the step bar's first line, and what the bar says the loop is doing between steps
 STAGE = re.compile(r"^\[minigrpo\] (.*?) \.\.\.")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # a terminal's control sequences (clear line, cursor up)
 IN_BAR = {"evaluating": "held-out evaluation after the last step", "saving a checkpoint": "saving the checkpoint"}
 
 
 def stamped_lines(cmd: list[str], env: dict) -> tuple[list[tuple[float, str]], int]:
-    """(seconds since start, line) for each line or carriage-return redraw, and the exit status."""
+    """(seconds since start, line) for each line or carriage-return redraw the command shows on a
+    terminal (a pseudo-terminal of 160 columns: what a user sees, redraws included), and its exit status."""
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=child, stderr=child)
+    os.close(child)
     lines, buf = [], b""
-    while chunk := proc.stdout.read1(4096):
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # EIO: every writer of the terminal has exited
+            break
+        if not chunk:
+            break
         now = time.monotonic() - start
-        buf += chunk
-        *done, buf = re.split(rb"[\r\n]", buf)
+        *done, buf = re.split(rb"[\r\n]", buf + chunk)
         for raw in done:
-            text = raw.decode(errors="replace").strip()
+            text = ANSI.sub("", raw.decode(errors="replace")).strip()
             if text:
                 lines.append((now, text))
                 print(f"{now:7.1f}s | {text}", flush=True)
-    if buf.strip():
-        lines.append((time.monotonic() - start, buf.decode(errors="replace").strip()))
+    os.close(main)
+    rc = proc.wait()
     lines.append((time.monotonic() - start, "<exit>"))
-    return lines, proc.wait()
+    return lines, rc
 
 
 def phases(lines: list[tuple[float, str]]) -> list[tuple[str, float]]:

@@ -108,7 +108,7 @@ def _builtin_model(name: str, cache_dir: Path) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache_dir))  # same parent: rename is atomic
         try:
             with stage(f"converting the built-in {name} to a Hugging Face folder in {cache_dir} (once; "
-                       "make setup does it)", int(os.environ.get("RANK", "0")) == 0):
+                       "make setup does it)", int(os.environ.get("RANK", "0")) == 0):  # torchrun sets RANK
                 _convert_gguf(gguf_dir, gguf_name, tmp)
             umask = os.umask(0)
             os.umask(umask)

@@ -127,28 +127,36 @@ def _finite_or_str(v):
 
 class Progress:
     """A progress bar with step, reward, success rate and ETA, plus one concise line per logging step.
-    While a step runs, the bar is redrawn every few seconds (minigrpo/console.py) with the phase
-    running now (`watch`: the step's PhaseTimer) or what the loop is `doing` between steps, so a step of
-    a minute is not a minute of a frozen screen."""
+    On a terminal, while a step runs, the bar is redrawn every few seconds (minigrpo/console.py) with
+    the phase running now (`watch`: the step's PhaseTimer) or what the loop is `doing` between steps,
+    so a step of a minute is not a minute of a frozen screen. A context manager: leaving it, by an
+    exception too, stops the redraws."""
 
-    def __init__(self, enabled: bool, start: int, total: int):
+    def __init__(self, enabled: bool, start: int, total: int, file=None):
         self.enabled = enabled
-        self.timer, self.label, self.postfix = None, None, ""
+        self.timer, self.step, self.label, self.postfix, self.ticker = None, start + 1, None, "", None
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc="grpo", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=start, desc="grpo", unit="step", dynamic_ncols=True, file=file)
             self.last = start
-            self.ticker = Ticker(lambda _: self._redraw())
+            if self.bar.fp.isatty():  # a log file gets the bar's own line per step, not a redraw every 5 s
+                self.ticker = Ticker(lambda _: self._redraw())
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _redraw(self) -> None:
-        now = self.label or (f"{PHASE_WORDS[self.timer.current]} step {self.last + 1}"
-                             if self.timer is not None and self.timer.current else None)
+        phase = self.timer.current if self.timer is not None else None  # read once: the loop clears it
+        now = self.label or (f"{PHASE_WORDS.get(phase, phase)} step {self.step}" if phase else None)
         self.bar.set_postfix_str(", ".join(p for p in (self.postfix, now) if p))  # refreshes the bar
 
-    def watch(self, timer) -> None:
-        """The step that starts now: the bar names its phases from `timer.current`."""
-        self.timer = timer
+    def watch(self, timer, step: int) -> None:
+        """Step `step` starts now: the bar names its phases from `timer.current`."""
+        self.timer, self.step = timer, step
 
     @contextlib.contextmanager
     def doing(self, label: str):
@@ -181,13 +189,17 @@ class Progress:
             self.bar.write(line)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.ticker is not None:
             self.ticker.stop()
+            self.ticker = None
+        if self.enabled:
             self.bar.close()
+            self.enabled = False
 
 
+# PhaseTimer's phases (minigrpo/runtime.py), as the bar names them; benchmarks/first_command.py reads the bar
 PHASE_WORDS = {"generate": "generating", "reward": "scoring", "reference": "reference log-probs",
-               "train": "training", "push": "pushing weights"}  # PhaseTimer's phases, as the bar names them
+               "train": "training", "push": "pushing weights"}
 
 
 def eval_line(m: dict) -> str:

@@ -116,6 +116,12 @@ class StopOnSignal:
             signal.signal(sig, handler)
         self.previous = {}
 
+    def __enter__(self) -> StopOnSignal:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()  # the caller's handlers back, however the loop ended
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -127,6 +133,7 @@ class PhaseTimer:
     """Seconds per phase of one step; `current` is the phase running now (the step bar shows it)."""
 
     def __init__(self):
+        # the phases' names: the step bar words them (runlog.PHASE_WORDS), metrics.jsonl has time/<name>
         self.seconds = {k: 0.0 for k in ("generate", "reward", "reference", "train", "push")}
         self.current: str | None = None
 

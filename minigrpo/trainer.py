@@ -50,48 +50,46 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
             log.log(0, before)
         if run.main and before:
             print(f"[minigrpo] step 0, before training: held-out {eval_line(before)} ({eval_how})")
-    progress = Progress(run.main, state.step, cfg.max_steps)
-    stop = StopOnSignal()  # SIGINT/SIGTERM: finish this step, checkpoint, exit
+    # SIGINT/SIGTERM: finish this step, checkpoint, exit. Both are undone however the loop ends (an
+    # exception too): the caller's signal handlers come back, and the bar's redraws stop.
+    with StopOnSignal() as stop, Progress(run.main, state.step, cfg.max_steps) as progress:
+        # ---------------------------------------------------------------- the steps
+        for step in range(state.step + 1, cfg.max_steps + 1):
+            timer = PhaseTimer()
+            progress.watch(timer, step)  # the bar names the phase running now, and moves while it runs
+            with _out_of_memory_report(run, log, step):
+                rollouts = collect_rollouts(run, step, state.data_position, timer)
+                batch = compute_advantages(run, rollouts)
+                batch = frozen_logprobs(run, batch, timer)
+                update = update_policy(run, batch, timer)
+                push_weights(run, step, update, timer)
+            state = LoopState(step, rollouts.data_position, 0 if update.applied else state.nonfinite_in_a_row + 1)
+            metrics = step_metrics(run, step, batch, update, timer)
 
-    # ---------------------------------------------------------------- the steps
-    for step in range(state.step + 1, cfg.max_steps + 1):
-        timer = PhaseTimer()
-        progress.watch(timer)  # the bar names the phase running now, and moves while it runs
-        with _out_of_memory_report(run, log, step):
-            rollouts = collect_rollouts(run, step, state.data_position, timer)
-            batch = compute_advantages(run, rollouts)
-            batch = frozen_logprobs(run, batch, timer)
-            update = update_policy(run, batch, timer)
-            push_weights(run, step, update, timer)
-        state = LoopState(step, rollouts.data_position, 0 if update.applied else state.nonfinite_in_a_row + 1)
-        metrics = step_metrics(run, step, batch, update, timer)
+            # ------------------------------------------------------------ samples, evaluation, log, checkpoint
+            _write_samples(run, log, step, batch)
+            metrics.update(_evaluate_if_due(run, step, progress))
+            metrics.update(_flag_spikes(log, progress, step, metrics))
+            log.log(step, metrics)
+            if run.main and (step % cfg.logging_steps == 0 or step == cfg.max_steps):
+                progress.update(step, metrics)
+                log.curves()
+            interrupted = stop.requested()
+            diverged = state.nonfinite_in_a_row >= cfg.max_nonfinite_steps
+            if diverged or interrupted or step == cfg.max_steps or (cfg.save_steps and step % cfg.save_steps == 0):
+                with progress.doing("saving a checkpoint"):  # as benchmarks/first_command.py reads the bar
+                    saved = _save(run, state)
+            if diverged:
+                raise RuntimeError(
+                    f"{state.nonfinite_in_a_row} steps in a row had NaN/inf gradients and were skipped; stopping. "
+                    f"The last good weights are in {saved} (lower learning_rate or max_grad_norm, check rewards)"
+                )
+            if interrupted:
+                if run.main:
+                    print(f"\n[minigrpo] interrupted: step {step} finished and saved to {saved}. "
+                          f"Resume with the same command plus --resume (train(..., resume=True)).")
+                break
 
-        # ------------------------------------------------------------ samples, evaluation, log, checkpoint
-        _write_samples(run, log, step, batch)
-        with progress.doing(_eval_what(run)):
-            metrics.update(_evaluate_if_due(run, step))
-        metrics.update(_flag_spikes(log, progress, step, metrics))
-        log.log(step, metrics)
-        if run.main and (step % cfg.logging_steps == 0 or step == cfg.max_steps):
-            progress.update(step, metrics)
-            log.curves()
-        interrupted = stop.requested()
-        diverged = state.nonfinite_in_a_row >= cfg.max_nonfinite_steps
-        if diverged or interrupted or step == cfg.max_steps or (cfg.save_steps and step % cfg.save_steps == 0):
-            with progress.doing("saving a checkpoint"):
-                saved = _save(run, state)
-        if diverged:
-            raise RuntimeError(
-                f"{state.nonfinite_in_a_row} steps in a row had NaN/inf gradients and were skipped; stopping. "
-                f"The last good weights are in {saved} (lower learning_rate or max_grad_norm, check rewards)"
-            )
-        if interrupted:
-            if run.main:
-                print(f"\n[minigrpo] interrupted: step {step} finished and saved to {saved}. "
-                      f"Resume with the same command plus --resume (train(..., resume=True)).")
-            break
-    stop.restore()
-    progress.close()
     summary = before_after(log.history, eval_how) if run.main else None
     if summary:
         print(f"[minigrpo] {summary}")
@@ -149,12 +147,13 @@ def _eval_what(run: Run) -> str:
     return f"evaluating {n} held-out tasks (greedy, up to {run.cfg.max_completion_length} tokens each)"
 
 
-def _evaluate_if_due(run: Run, step: int) -> dict[str, float]:
+def _evaluate_if_due(run: Run, step: int, progress: Progress) -> dict[str, float]:
     """Held-out greedy evaluation at every eval_steps and at the last step (empty otherwise)."""
     cfg = run.cfg
     if run.eval_set is None or not (step == cfg.max_steps or (cfg.eval_steps and step % cfg.eval_steps == 0)):
         return {}
-    return evaluate(run.rollout, run.eval_set, run.rewards, cfg, run.info, trainer_state(cfg, step))
+    with progress.doing(_eval_what(run)):  # the bar's words; benchmarks/first_command.py finds "evaluating"
+        return evaluate(run.rollout, run.eval_set, run.rewards, cfg, run.info, trainer_state(cfg, step))
 
 
 def _save(run: Run, state: LoopState) -> Path:

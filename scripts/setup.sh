@@ -48,6 +48,8 @@ fi
 echo "[setup] converting the built-in model and building DeepSpeed's CPU op (once)" >&2
 .venv/bin/python -c "from minigrpo.models import resolve_model; resolve_model('smollm2-135m-instruct')"
 if [ "$target" = cpu ]; then
+    # DeepSpeed 0.19.8 (checked): deepspeed.comm.torch.build_shm_op builds and loads the op that its CPU
+    # backend would build at the first init_distributed; a DeepSpeed without it fails set-up loudly here.
     .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
 fi
 

@@ -18,8 +18,9 @@ import torch  # noqa: E402
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # `make test-quick` (the edit loop) sets this and selects the tests marked neither slow nor process:
-# a test among them that starts a program, loads the real model's weights or starts an engine then
-# fails, naming the marker it needs, so the quick set stays quick (the real tokenizer is allowed).
+# a test among them that starts a program (subprocess), or asks for the `policy` (the real model's
+# weights) or `vllm_engine` fixture, then fails, naming the marker it needs, so the quick set stays
+# quick. (The real tokenizer is allowed; a test loading the real model by hand is not caught.)
 QUICK = os.environ.get("MINIGRPO_TEST_QUICK") == "1"
 
 

@@ -5,6 +5,7 @@ import io
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,7 +28,8 @@ def fast_tick(monkeypatch):
     monkeypatch.setattr(console, "TICK", 0.05)
 
 
-def test_a_stage_writes_whole_lines_with_the_seconds_to_a_pipe(fast_tick):
+def test_a_stage_writes_whole_lines_with_the_seconds_to_a_pipe(fast_tick, monkeypatch):
+    monkeypatch.setattr(console, "LOG_TICK", 0.05)
     out = io.StringIO()
     with console.stage("starting the engine", stream=out):
         time.sleep(0.3)
@@ -46,7 +48,7 @@ def test_a_stage_redraws_one_line_on_a_terminal_and_says_when_it_failed(fast_tic
             time.sleep(0.2)
             raise KeyError("x")
     text = out.getvalue()
-    assert text.startswith("[minigrpo] loading ...\r[minigrpo] loading ... 0 s") and text.count("\n") == 1
+    assert text.startswith("[minigrpo] loading ...\r\x1b[K[minigrpo] loading ... 0 s") and text.count("\n") == 1
     assert text.endswith(" s (failed)\n") and text.count("\r") >= 3
 
 
@@ -57,22 +59,30 @@ def test_a_stage_of_another_rank_prints_nothing(fast_tick):
     assert out.getvalue() == ""
 
 
-def test_the_step_bar_names_the_running_phase_and_moves_while_it_runs(fast_tick, monkeypatch, capsys):
-    bar = Progress(True, 0, 3)
+def test_the_step_bar_names_the_running_phase_and_moves_while_it_runs(fast_tick, monkeypatch):
+    screen = Terminal()
     shown = []
-    monkeypatch.setattr(bar.bar, "set_postfix_str", shown.append)
-    timer = PhaseTimer()
-    bar.watch(timer)
-    with timer("train"):
-        time.sleep(0.2)
-    assert "training step 1" in shown and timer.current is None
-    with bar.doing("evaluating 8 held-out tasks"):
-        time.sleep(0.2)
-    assert "evaluating 8 held-out tasks" in shown
-    bar.close()
-    n = len(shown)
+    with Progress(True, 0, 30, file=screen) as bar:
+        monkeypatch.setattr(bar.bar, "set_postfix_str", shown.append)
+        timer = PhaseTimer()
+        bar.watch(timer, 7)  # logging_steps > 1: the bar's count lags, the step named is the one running
+        with timer("train"):
+            time.sleep(0.2)
+        assert "training step 7" in shown and timer.current is None
+        with bar.doing("evaluating 8 held-out tasks"):
+            time.sleep(0.2)
+        assert "evaluating 8 held-out tasks" in shown
+
+
+def test_the_step_bar_stops_redrawing_when_the_loop_raises_and_never_redraws_into_a_log(fast_tick):
+    with pytest.raises(RuntimeError):
+        with Progress(True, 0, 3, file=Terminal()) as bar:
+            assert any(t.name == "minigrpo-ticker" for t in threading.enumerate())
+            raise RuntimeError("diverged")
     time.sleep(0.2)
-    assert len(shown) == n  # the ticker stopped with the bar
+    assert bar.ticker is None and not any(t.name == "minigrpo-ticker" for t in threading.enumerate())
+    with Progress(True, 0, 3, file=io.StringIO()) as log:  # not a terminal: tqdm's own line per update
+        assert log.ticker is None
 
 
 @pytest.mark.process

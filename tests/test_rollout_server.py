@@ -27,6 +27,7 @@ import torch
 
 from minigrpo.config import Config, ConfigError
 from minigrpo.rollout.packing import pack_layout, unpack
+from tiny_task import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = str(ROOT / "tests" / "tiny_task.py")
@@ -39,8 +40,9 @@ def slow(test):
     return pytest.mark.slow(needs_vllm(test))
 
 
-def torchrun(port: int) -> tuple:
-    return (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port))
+def torchrun() -> tuple:
+    # a free port each time: pytest runs tests on parallel workers (make test)
+    return (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port())
 
 
 def train(model, out, *overrides, launcher=(sys.executable,), env=ENV):
@@ -232,7 +234,7 @@ def test_joining_a_server_checks_what_it_serves(tiny_model, faulty_server, tmp_p
         with pytest.raises(RolloutServerError, match=match):
             VLLMServerEngine(**{"model_path": tiny_model, "port": port, "timeout": TIMEOUT, **change})
     with pytest.raises(RolloutServerError, match="is not reachable"):  # nothing listens there
-        VLLMServerEngine(tiny_model, port=port + 1 if port < 65535 else port - 1, timeout=TIMEOUT)
+        VLLMServerEngine(tiny_model, port=int(free_port()), timeout=TIMEOUT)
     engine = VLLMServerEngine(tiny_model, port=port, timeout=TIMEOUT, max_model_len=24)
     engine.close()
     log_free = urllib.request.Request(f"http://127.0.0.1:{port}/health", headers={"Authorization": f"Bearer {secret}"})
@@ -294,7 +296,7 @@ def test_two_ranks_and_a_server_stay_in_sync(tiny_model, tmp_path):
     # rank generates ahead on its own thread, all settle before rank 0 pushes
     rows, stdout = train(tiny_model, tmp_path / "run", "rollout=vllm_server", "max_steps=3", "beta=0.04",
                          "async_generation=true", "save_steps=2",
-                         f"vllm_server_timeout={10 * TIMEOUT}", launcher=torchrun(29541))
+                         f"vllm_server_timeout={10 * TIMEOUT}", launcher=torchrun())
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["async/staleness"] for r in rows] == [0, 1, 1]
     from minigrpo.checkpoint import checkpoint_dir
@@ -326,10 +328,10 @@ def test_server_layout_gives_the_colocated_metrics(tiny_model, tmp_path):
                 assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key, a[key], b[key])
 
 
-def start_trainer(model, out, env, master_port, *overrides):
+def start_trainer(model, out, env, *overrides):
     """2 ranks, in their own session so the test can stop them all."""
     err = open(out.parent / "trainer.err", "w")
-    return subprocess.Popen([*torchrun(master_port), SCRIPT, str(model), str(out), "rollout=vllm_server",
+    return subprocess.Popen([*torchrun(), SCRIPT, str(model), str(out), "rollout=vllm_server",
                              "max_steps=200", f"vllm_server_timeout={TIMEOUT}", *overrides],
                             stdout=err, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
@@ -374,7 +376,7 @@ def test_lost_server_is_a_clear_error_within_the_deadline(tiny_model, tmp_path, 
     # vllm_server_timeout. Either way + torchrun tearing down the other rank.
     server, port, env = start_server(tiny_model, tmp_path)
     out = tmp_path / "run"
-    trainer = start_trainer(tiny_model, out, env, 29542 if how == signal.SIGKILL else 29545, f"vllm_server_port={port}")
+    trainer = start_trainer(tiny_model, out, env, f"vllm_server_port={port}")
     try:
         wait_for_steps(out, trainer)
         os.killpg(server.pid, how)  # the API server and its engine core
@@ -399,7 +401,7 @@ def test_a_lost_trainer_ends_the_server_it_started(tiny_model, tmp_path, how):
     # rank 0 killed: the server's supervisor sees its trainer gone. Rank 1 frozen (SIGSTOP): rank 0
     # stops at its next collective after dist_timeout_minutes, torchrun ends the job, and then the same.
     out = tmp_path / "run"
-    trainer = start_trainer(tiny_model, out, ENV, 29543 if how == "rank 0 killed" else 29544, "dist_timeout_minutes=0.5")
+    trainer = start_trainer(tiny_model, out, ENV, "dist_timeout_minutes=0.5")
     try:
         wait_for_steps(out, trainer)
         pid = int(re.search(r"starting vLLM's server for the rollouts \(pid (\d+)\)",
