@@ -11,9 +11,10 @@ countdown: setup
 
 # Every test, the slow ones (real model, vLLM engine, DeepSpeed) included, on TEST_WORKERS pytest
 # processes (pytest-xdist; each test still runs whole in one of them): alone, the suite kept ~1.2 of
-# this machine's 2 cores busy, waiting on process start-ups, servers and deadlines. The 15 slowest
-# tests are listed at the end, so growth shows when it happens (issue 25).
-TEST_WORKERS ?= 2
+# this machine's 2 cores busy, waiting on process start-ups, servers and deadlines; 2 workers 1.64,
+# 3 workers 1.70 (docs/performance.md). The 15 slowest tests are listed at the end, so growth shows
+# when it happens (issue 25).
+TEST_WORKERS ?= 3
 test: setup
 	.venv/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15 $(PYTEST_ARGS)
 
