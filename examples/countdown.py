@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     args, cfg = load_config(argv)
     if args.plan:
         raise SystemExit(print_plan(args, cfg))
+    if int(os.environ.get("RANK", "0")) == 0:  # the first line on the screen, seconds after the command
+        print(f"[minigrpo] Countdown GRPO: {Path(args.config).name}, model {cfg.model}, {cfg.max_steps} steps, "
+              f"outputs in {cfg.output_dir}", flush=True)
     with one_line_errors(args.debug):  # a wrong model path (train would find it after minutes of start-up)
         resolve_model(cfg.model)  # the built-in model is converted here once, then cached
     splits = load_recipe_tasks(cfg)  # without the tasks of its held-out set, if it names one

@@ -9,6 +9,7 @@ rate schedule and LoRA shape) are written into every checkpoint and compared on 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -121,11 +122,13 @@ def start_run(cfg: Config, rewards: list[Reward], train_dataset, eval_dataset, t
     """Tokenize the prompts, start the processes, load the models and engines, resume, calibrate the push probe."""
     set_transformers_log_level(cfg.log_level)
     model_path = resolve_model(cfg.model, cfg.model_cache_dir)  # a bad path fails here, in one line
-    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
-    train_set = prepare_prompts(train_dataset, tokenizer, template, cfg.max_prompt_length)  # too long: error
-    eval_set = prepare_prompts(eval_dataset, tokenizer, template, cfg.max_prompt_length) if eval_dataset else None
-
-    info = init_distributed(cfg.log_level, cfg.dist_timeout_minutes)
+    n = len(train_dataset) + (len(eval_dataset) if eval_dataset else 0)
+    # RANK: torchrun's; the process group (info.rank) is joined inside this stage
+    with stage(f"tokenizing {n} prompts, starting DeepSpeed's process group", int(os.environ.get("RANK", "0")) == 0):
+        tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
+        train_set = prepare_prompts(train_dataset, tokenizer, template, cfg.max_prompt_length)  # too long: error
+        eval_set = prepare_prompts(eval_dataset, tokenizer, template, cfg.max_prompt_length) if eval_dataset else None
+        info = init_distributed(cfg.log_level, cfg.dist_timeout_minutes)
     _check_plan(cfg, model_path, info)  # memory (on a GPU) and disk, before any model loads
     layout = cfg.layout(info.world_size)
     seed_everything(cfg.seed + info.rank)
