@@ -21,6 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from minigrpo import Config, train  # noqa: E402
 from minigrpo.cli import one_line_errors  # noqa: E402
 from minigrpo.config import ConfigError  # noqa: E402
+from minigrpo.console import launched_as_rank0  # noqa: E402
 from minigrpo.models import resolve_model  # noqa: E402
 from minigrpo.data import R1_COUNTDOWN, load_recipe_tasks  # noqa: E402
 from minigrpo.rewards import (  # noqa: E402
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     args, cfg = load_config(argv)
     if args.plan:
         raise SystemExit(print_plan(args, cfg))
-    if int(os.environ.get("RANK", "0")) == 0:  # the first line on the screen, seconds after the command
+    if launched_as_rank0():  # the first line on the screen, seconds after the command
         print(f"[minigrpo] Countdown GRPO: {Path(args.config).name}, model {cfg.model}, {cfg.max_steps} steps, "
               f"outputs in {cfg.output_dir}", flush=True)
     with one_line_errors(args.debug):  # a wrong model path (train would find it after minutes of start-up)

@@ -9,6 +9,7 @@ file, a line every `LOG_TICK`), and ends it with the total. `Ticker` is the thre
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 import threading
@@ -17,6 +18,12 @@ from collections.abc import Callable, Iterator
 
 TICK = 5.0  # seconds between redraws on a terminal: well under the ~15 s a user waits before wondering
 LOG_TICK = 15.0  # between lines to a pipe or a file, where each update is a line that stays
+
+
+def launched_as_rank0() -> bool:
+    """Before the process group exists: whether this process prints (rank 0 of a torchrun job, whose
+    RANK torchrun sets, or a plain process without one)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 class Ticker:

@@ -48,6 +48,11 @@ def check_reward_names(rewards) -> None:
         raise ValueError(f"reward names collide with evaluation figures: {taken}; rename those reward functions")
 
 
+def eval_task_count(cfg, eval_set) -> int:
+    """How many held-out tasks `evaluate` answers: the first `eval_num_samples` (0 without a set)."""
+    return min(cfg.eval_num_samples, len(eval_set)) if eval_set is not None else 0
+
+
 def evaluate(rollout, eval_set, rewards, cfg, info, trainer_state=None) -> dict[str, float]:
     """Greedy completions for the first `cfg.eval_num_samples` held-out prompts, split over ranks;
     the rewards receive `trainer_state` as in training.
@@ -58,7 +63,7 @@ def evaluate(rollout, eval_set, rewards, cfg, info, trainer_state=None) -> dict[
     with the training stop strings: `cfg.eval_stop`, see `greedy_sampling`). Empty when there is
     nothing to evaluate (`eval_num_samples` 0 or an empty held-out set), on every rank alike.
     """
-    n = min(cfg.eval_num_samples, len(eval_set))
+    n = eval_task_count(cfg, eval_set)
     if n == 0:
         return {}
     check_reward_names(rewards)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from minigrpo.console import stage
+from minigrpo.console import launched_as_rank0, stage
 
 BUILTIN_MODELS = {
     # name -> (package holding the GGUF file, file name inside that package)
@@ -108,7 +108,7 @@ def _builtin_model(name: str, cache_dir: Path) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache_dir))  # same parent: rename is atomic
         try:
             with stage(f"converting the built-in {name} to a Hugging Face folder in {cache_dir} (once; "
-                       "make setup does it)", int(os.environ.get("RANK", "0")) == 0):  # torchrun sets RANK
+                       "make setup does it)", launched_as_rank0()):
                 _convert_gguf(gguf_dir, gguf_name, tmp)
             umask = os.umask(0)
             os.umask(umask)

@@ -9,7 +9,6 @@ rate schedule and LoRA shape) are written into every checkpoint and compared on 
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from minigrpo import collectives, lora
 from minigrpo.ahead import Ahead
 from minigrpo.batching import PromptSet, prepare_prompts, required_columns, reward_columns
 from minigrpo.config import Config, ConfigError, Layout
-from minigrpo.console import stage
+from minigrpo.console import launched_as_rank0, stage
 from minigrpo.engine import DistInfo, PolicyEngine, init_distributed, warmup_steps
 from minigrpo.evaluation import check_reward_names
 from minigrpo.models import load_causal_lm, load_tokenizer, resolve_model, set_transformers_log_level
@@ -123,8 +122,8 @@ def start_run(cfg: Config, rewards: list[Reward], train_dataset, eval_dataset, t
     set_transformers_log_level(cfg.log_level)
     model_path = resolve_model(cfg.model, cfg.model_cache_dir)  # a bad path fails here, in one line
     n = len(train_dataset) + (len(eval_dataset) if eval_dataset else 0)
-    # RANK: torchrun's; the process group (info.rank) is joined inside this stage
-    with stage(f"tokenizing {n} prompts, starting DeepSpeed's process group", int(os.environ.get("RANK", "0")) == 0):
+    # the process group (info.rank) is joined inside this stage
+    with stage(f"tokenizing {n} prompts, starting DeepSpeed's process group", launched_as_rank0()):
         tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
         train_set = prepare_prompts(train_dataset, tokenizer, template, cfg.max_prompt_length)  # too long: error
         eval_set = prepare_prompts(eval_dataset, tokenizer, template, cfg.max_prompt_length) if eval_dataset else None

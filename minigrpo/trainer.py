@@ -23,7 +23,7 @@ import torch
 from minigrpo import checkpoint as ckpt
 from minigrpo.config import Config
 from minigrpo.console import stage
-from minigrpo.evaluation import evaluate
+from minigrpo.evaluation import eval_task_count, evaluate
 from minigrpo.phases import (StepBatch, collect_rollouts, compute_advantages, frozen_logprobs, push_weights,
                              step_metrics, update_policy)
 from minigrpo.plan import GiB, format_plan, gpu_bytes, model_config, plan_memory
@@ -44,7 +44,7 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
         cfg.save(run.out / "config.yaml")
     eval_how = f"greedy, {'with the training' if cfg.eval_stop and cfg.stop else 'without'} stop strings"
     if state.step == 0 and run.eval_set is not None and cfg.eval_before_training:  # the summary's "before"
-        with stage(f"step 0: {_eval_what(run)}", run.main and cfg.eval_num_samples > 0):
+        with stage(f"step 0: {_eval_what(run)}", run.main and eval_task_count(cfg, run.eval_set) > 0):
             before = evaluate(run.rollout, run.eval_set, run.rewards, cfg, run.info, trainer_state(cfg, 0))
         if before:  # empty with eval_num_samples 0: no row, on every rank alike
             log.log(0, before)
@@ -143,7 +143,7 @@ def _flag_spikes(log: RunLog, progress: Progress, step: int, metrics: dict) -> d
 
 def _eval_what(run: Run) -> str:
     """What the console says while the held-out tasks are evaluated."""
-    n = min(run.cfg.eval_num_samples, len(run.eval_set)) if run.eval_set is not None else 0
+    n = eval_task_count(run.cfg, run.eval_set)
     return f"evaluating {n} held-out tasks (greedy, up to {run.cfg.max_completion_length} tokens each)"
 
 

@@ -401,6 +401,3 @@ def _record_cpu_packing() -> None:
 
     dispatch.minigrpo_records_packing = True
     utils.dispatch_cpu_unquantized_gemm = dispatch
-
-
-
