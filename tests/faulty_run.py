@@ -37,7 +37,7 @@ import sys
 import time
 
 from tiny_task import REWARDS as TASK_REWARDS
-from tiny_task import TINY_DEFAULTS, tiny_dataset
+from tiny_task import TINY_DEFAULTS, eager_everywhere, tiny_dataset
 
 STEP = 0  # the step being run; forked reward processes inherit it
 NUM_ITERATIONS = 1  # the run's num_iterations: rewards' trainer_state counts updates
@@ -208,6 +208,7 @@ def _inject(nan_at: set[int], break_push_at: int | None, push_fault: str, diverg
 
 def main(argv: list[str]) -> None:
     global HANG_AT, OOM_AT, NUM_ITERATIONS
+    eager_everywhere()
     from minigrpo import Config, train
 
     flags = dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--"))
