@@ -71,12 +71,13 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
             metrics.update(_evaluate_if_due(run, step, progress))
             metrics.update(_flag_spikes(log, progress, step, metrics))
             log.log(step, metrics)
-            if run.main and (step % cfg.logging_steps == 0 or step == cfg.max_steps):
-                progress.update(step, metrics)
-                log.curves()
             interrupted = stop.requested()
             diverged = state.nonfinite_in_a_row >= cfg.max_nonfinite_steps
-            if diverged or interrupted or step == cfg.max_steps or (cfg.save_steps and step % cfg.save_steps == 0):
+            last = diverged or interrupted or step == cfg.max_steps
+            if run.main and (step % cfg.logging_steps == 0 or last):
+                progress.update(step, metrics)
+                log.curves(final=last)
+            if last or (cfg.save_steps and step % cfg.save_steps == 0):
                 with progress.doing("saving a checkpoint"):  # as benchmarks/first_command.py reads the bar
                     saved = _save(run, state)
             if diverged:

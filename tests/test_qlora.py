@@ -5,6 +5,7 @@ with every push checked exactly, resumes exactly at ZeRO-0 and ZeRO-2, exports a
 and runs in bfloat16. bitsandbytes >= 0.46 runs 4-bit on CPUs, so all of it runs here."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -122,9 +123,13 @@ def test_qlora_learns_with_every_push_checked(lora_model_dir, tmp_path):
 def test_qlora_resumes_exactly_and_exports(lora_model_dir, tmp_path, stage):
     common = (*QLORA, "max_steps=4") + (() if stage == "0" else (f"deepspeed={ROOT}/recipes/deepspeed_zero2.json",))
     ranks = 1 if stage == "0" else 2
-    full = run(lora_model_dir, tmp_path / "full", *common, ranks=ranks)
-    run(lora_model_dir, tmp_path / "resumed", *common, "max_steps=2", ranks=ranks)
-    resumed = run(lora_model_dir, tmp_path / "resumed", *common, "--resume", ranks=ranks)
+    full = run(lora_model_dir, tmp_path / "full", *common, "save_steps=2", ranks=ranks)
+    # resumed from a copy of the run's step-2 checkpoint, as test_zero.py does (a separate 2-step run
+    # cost one more launch and checked nothing more: only step 3 is compared)
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000004")
+    resumed = run(lora_model_dir, tmp_path / "resumed", *common, "save_steps=2", "--resume", ranks=ranks)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for key in ("reward/says_a/mean", "kl", "grad_norm", "param_checksum"):
         assert resumed[3][key] == pytest.approx(full[3][key], rel=1e-6, abs=1e-9), key
     folder = tmp_path / "full" / "checkpoints" / "step-000004"

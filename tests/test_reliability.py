@@ -123,6 +123,24 @@ def test_resume_survives_a_torn_last_metrics_line(tmp_path):
     assert [r["step"] for r in rows(tmp_path)] == [1, 2]
 
 
+def test_curves_are_redrawn_at_most_once_a_minute_and_always_on_the_final_step(tmp_path, monkeypatch):
+    # a redraw costs ~0.5 s on the 2-core CPU: every step, a 30-step tiny run spent 17 s drawing
+    from minigrpo import runlog
+
+    clock = [1000.0]
+    monkeypatch.setattr(runlog.time, "monotonic", lambda: clock[0])
+    log = RunLog(tmp_path, True)
+    picture = tmp_path / "curves.png"
+    for step, seconds, final, drawn in ((1, 10, False, False), (2, 30, False, False), (3, 61, False, True),
+                                        (4, 100, False, False), (5, 101, True, True), (6, 102, True, True)):
+        clock[0] = 1000.0 + seconds
+        picture.unlink(missing_ok=True)
+        log.log(step, {"reward/total/mean": 0.1 * step})
+        log.curves(final=final)
+        assert picture.exists() == drawn, (step, seconds, final)
+    log.close()
+
+
 class _Killed(BaseException):
     """Stands for SIGKILL: nothing after it runs."""
 
