@@ -82,6 +82,13 @@ def barrier() -> None:
             dist.barrier()
 
 
+def world_group(timeout: datetime.timedelta):
+    """A new group of every rank whose collectives wait at most `timeout`. `dist.new_group` without
+    a timeout gives torch's default (30 minutes with gloo, 10 with NCCL), not the default group's.
+    Every rank must call it, in the same order as the other groups it makes."""
+    return dist.new_group(ranks=list(range(dist.get_world_size())), timeout=timeout)
+
+
 # ---------------------------------------------------------------------- a two-process side group
 # The rollout server's weight channel is its own process group (trainer rank 0 and the server),
 # not the trainer's default group; these functions serve it.

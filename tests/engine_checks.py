@@ -6,6 +6,8 @@ own (DeepSpeed keeps a process group and global state), run by tests/test_engine
     python tests/engine_checks.py stepgrad MODEL_DIR LOSS_TYPE GAS OUT   # the step's gradient, to OUT (rank 0)
     python tests/engine_checks.py accum MODEL_DIR ACCUM_DTYPE        # bf16 ZeRO-2: the summed gradient vs an fp32 sum
     python tests/engine_checks.py alloc MODEL_DIR STAGE DTYPE        # bytes held by weights, gradients, optimizer
+    python tests/engine_checks.py dptimeout MODEL_DIR STAGE MARKER   # 2 ranks: DeepSpeed's group has our timeout
+    python tests/engine_checks.py foreigngroup MODEL_DIR             # a DeepSpeed group made before ours: refused
 
 Each prints one line `RESULT {json}`.
 """
@@ -24,12 +26,13 @@ COMPLETIONS = [[8, 9, 10, 4], [11, 12]]
 WEIGHTS = torch.tensor([[1.0, -2.0, 0.5, 1.5], [0.3, 0.7, 0.0, 0.0]])  # a loss that touches every token
 
 
-def _policy(model_dir: str, stage: str = "0", dtype: str = "float32", deepspeed: str | None = None, **overrides):
+def _policy(model_dir: str, stage: str = "0", dtype: str = "float32", deepspeed: str | None = None,
+            timeout_minutes: float = 60.0, **overrides):
     from minigrpo import Config
     from minigrpo.engine import PolicyEngine, init_distributed
     from minigrpo.models import load_causal_lm
 
-    info = init_distributed()
+    info = init_distributed(timeout_minutes=timeout_minutes)
     batch = {"prompts_per_step": 1, "num_generations": 2, "gradient_accumulation_steps": 2}
     cfg = Config(model=model_dir, max_steps=1, dtype=dtype,
                  deepspeed=deepspeed or (None if stage == "0" else str(ROOT / "recipes" / f"deepspeed_zero{stage}.json")),
@@ -216,8 +219,62 @@ def alloc(model_dir: str, stage: str, dtype: str) -> dict:
             "fp32_master": master, "parameters": sum(p.numel() for p in policy.module.parameters())}
 
 
+def dptimeout(model_dir: str, stage: str, marker: str) -> dict:
+    """2 ranks, dist_timeout_minutes 0.1 (6 s): rank 1 stops taking part after DeepSpeed's set-up (it
+    waits for `marker`, at most 60 s); rank 0's step reaches DeepSpeed's gradient all-reduce (ZeRO-0)
+    or reduce-scatter (ZeRO-2), on DeepSpeed's data-parallel group. Rank 0: how long until it raised."""
+    import os
+    import time
+
+    from minigrpo.scoring import completion_logprobs
+
+    model, wrap = _policy(model_dir, stage, timeout_minutes=0.1, prompts_per_step=2)  # a group per rank
+    policy = wrap(model)
+    if torch.distributed.get_rank() == 1:
+        deadline = time.monotonic() + 60
+        while not Path(marker).exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os._exit(0)  # no collective, no clean-up: the group is broken on purpose
+    start, error = time.monotonic(), None
+    try:
+        for k in range(2):
+            lp = completion_logprobs(policy.module, PROMPTS[k:k + 1], COMPLETIONS[k:k + 1], 0.9, gathered=policy.gathered)
+            policy.backward((lp * WEIGHTS[k:k + 1, : lp.shape[1]]).sum())
+            policy.step()
+    except RuntimeError as e:
+        error = str(e)
+    seconds = time.monotonic() - start
+    Path(marker).write_text("done")
+    sys.stdout.write(f"RESULT {json.dumps({'seconds': seconds, 'error': error})}\n")
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def foreigngroup(model_dir: str) -> dict:
+    """DeepSpeed's world group made before minigrpo's init_distributed (as DeepSpeed makes it, with
+    torch's default timeout): PolicyEngine refuses to train on it."""
+    import datetime
+
+    from deepspeed.utils import groups
+
+    from minigrpo import engine
+
+    engine.init_distributed()  # one rank's group; then DeepSpeed's world group as if it had come first
+    engine._TIMED_WORLD = None
+    groups._WORLD_GROUP = torch.distributed.new_group(ranks=[0], timeout=datetime.timedelta(minutes=30))
+    model, wrap = _policy(model_dir)  # init_distributed again: DeepSpeed's group exists, and is kept
+    try:
+        wrap(model)
+    except RuntimeError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
     result = {"gradnorm": gradnorm, "trainmode": trainmode, "stepgrad": stepgrad, "accum": accum,
-              "alloc": alloc}[mode](*args)
-    print("RESULT", json.dumps(result), flush=True)
+              "alloc": alloc, "dptimeout": dptimeout, "foreigngroup": foreigngroup}[mode](*args)
+    # rank 0's only, in one write: two ranks' "RESULT" lines once ran together on torchrun's shared stdout
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        sys.stdout.write(f"RESULT {json.dumps(result)}\n")
+        sys.stdout.flush()

@@ -77,3 +77,19 @@ def test_bf16_gradients_accumulate_in_fp32(tiny_model):
     assert fp32["relative_error"] < 1e-6, fp32
     assert bf16["relative_error"] > 1e-3, bf16  # the error fp32 accumulation removes
     assert fp32["relative_error"] < bf16["relative_error"] / 100
+
+
+@pytest.mark.parametrize("stage", ["0", "2"])
+def test_deepspeeds_collectives_wait_dist_timeout_minutes_not_torchs_default(tiny_model, tmp_path, stage):
+    """DeepSpeed's gradient all-reduce (ZeRO-0) and reduce-scatter (ZeRO-2) run on its data-parallel
+    group, which it made with torch's default timeout (30 min with gloo) until init_distributed made
+    it with ours: a frozen rank held the other in backward for 30 min (the lost-trainer test,
+    2026-12-07). Here 6 s: rank 0 raises after ~6 s, while rank 1 would have waited up to 60 s."""
+    r = check("dptimeout", tiny_model, stage, tmp_path / "marker", ranks=2)
+    assert r["error"] is not None and "timed out" in r["error"].lower(), r
+    assert 5 < r["seconds"] < 30, r
+
+
+def test_a_deepspeed_group_with_another_timeout_is_refused(tiny_model):
+    r = check("foreigngroup", tiny_model)
+    assert r["error"] and "not the one init_distributed made" in r["error"], r

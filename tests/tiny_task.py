@@ -203,7 +203,11 @@ def audit_collectives() -> None:
                  "gather", "scatter", "all_to_all", "all_to_all_single", "send", "recv"):
         if hasattr(dist, name):
             setattr(dist, name, wrap(name, getattr(dist, name)))
-    atexit.register(lambda: print(f"[audit] collectives checked: {seen[0]}", flush=True))
+    def report():  # one write: both ranks report on torchrun's shared stdout, and lines must not run together
+        sys.stdout.write(f"[audit] collectives checked: {seen[0]}\n")
+        sys.stdout.flush()
+
+    atexit.register(report)
 
 
 def main(argv: list[str]) -> None:
