@@ -26,6 +26,9 @@ from minigrpo.scoring import completion_logprobs
 
 
 _TIMED_WORLD = None  # DeepSpeed's data-parallel group, made by init_distributed with our timeout
+_FOREIGN_GROUP = ("DeepSpeed's data-parallel group is not the one init_distributed made (DeepSpeed was initialized "
+                  "before minigrpo, or given an mpu or a mesh): its collectives would wait torch's default timeout "
+                  "(30 min with gloo, 10 with NCCL), not dist_timeout_minutes")
 
 
 @dataclass(frozen=True)
@@ -65,18 +68,21 @@ def init_distributed(log_level: str = "warning", timeout_minutes: float = 60.0) 
         with quiet:
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                        timeout=datetime.timedelta(minutes=timeout_minutes))
-    # DeepSpeed 0.19.8 runs its data-parallel collectives (the gradient all-reduce, ZeRO's gathers
-    # and reduce-scatters) on a clone of the world group that it makes with new_group(ranks), which
-    # gets torch's default timeout (30 min with gloo), not the one above: a rank frozen during a
-    # step stalled the others' backward past dist_timeout_minutes (tests/test_rollout_server.py,
-    # the lost-trainer test, 2026-12-07). So the clone is made here with our timeout, where
-    # DeepSpeed looks for it first (`groups._WORLD_GROUP`, read by `_clone_world_group`);
-    # PolicyEngine checks that DeepSpeed used it.
+    # DeepSpeed 0.19.8 runs its data-parallel collectives (the gradient all-reduce, ZeRO-1/2's
+    # reduce-scatters and gathers; ZeRO-3's parameter gathers use the default group) on a clone of
+    # the world group that it makes with new_group(ranks), which gets torch's default timeout (30 min
+    # with gloo, 10 with NCCL), not the one above: a rank frozen during a step stalled the others'
+    # backward past dist_timeout_minutes (tests/test_rollout_server.py, the lost-trainer test,
+    # 2026-12-07). So the clone is made here with our timeout, where DeepSpeed looks for it first
+    # (`groups._WORLD_GROUP`, read by `_clone_world_group`); PolicyEngine checks that DeepSpeed used
+    # it. Made once per process, like the default group: a later call's timeout changes neither.
     global _TIMED_WORLD
     from deepspeed.utils import groups
 
     if groups._WORLD_GROUP is None:
         groups._WORLD_GROUP = _TIMED_WORLD = collectives.world_group(datetime.timedelta(minutes=timeout_minutes))
+    elif groups._WORLD_GROUP is not _TIMED_WORLD:  # before any model loads: minutes on a 3B model
+        raise RuntimeError(_FOREIGN_GROUP)
     return DistInfo(
         torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
     )
@@ -211,10 +217,8 @@ class PolicyEngine:
         # DeepSpeed 0.19.8's attributes for the groups its gradient all-reduce and ZeRO use: any other
         # group than init_distributed's would wait torch's default timeout, not dist_timeout_minutes
         theirs = {self.engine.data_parallel_group, self.engine.seq_data_parallel_group}
-        if _TIMED_WORLD is None or theirs != {_TIMED_WORLD}:
-            raise RuntimeError("DeepSpeed's data-parallel group is not the one init_distributed made (DeepSpeed "
-                               "was initialized before minigrpo, or given an mpu or a mesh): its collectives would "
-                               "wait torch's default timeout (30 min with gloo), not dist_timeout_minutes")
+        if _TIMED_WORLD is None or theirs != {_TIMED_WORLD}:  # e.g. a mesh from the DeepSpeed config
+            raise RuntimeError(_FOREIGN_GROUP)
         self._last_skipped = False
         if cfg.dtype != "float32" and self.zero_stage == 0 and cfg.gradient_accumulation_steps > 1 \
                 and collectives.rank() == 0:

@@ -8,9 +8,9 @@ import json
 import math
 import os
 import statistics
-import time
 import warnings
 from pathlib import Path
+from time import monotonic
 
 from minigrpo.console import Ticker
 
@@ -38,7 +38,7 @@ class RunLog:
         self.dir = output_dir
         self.enabled = enabled
         self.history: list[dict] = []
-        self.drawn = time.monotonic()  # the first picture after CURVES_EVERY seconds, or at the end
+        self.drawn, self.drawn_rows = monotonic(), 0  # the first picture after CURVES_EVERY seconds, or at the end
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -83,9 +83,18 @@ class RunLog:
     def curves(self, final: bool = False) -> None:
         """Redraw curves.png from the whole history: at most every CURVES_EVERY seconds, and on the
         run's `final` step (the last, an interrupted or a diverged one) whenever it comes."""
-        if self.enabled and self.history and (final or time.monotonic() - self.drawn >= CURVES_EVERY):
+        if self.enabled and self.history and (final or monotonic() - self.drawn >= CURVES_EVERY):
             draw_curves(self.history, self.dir / "curves.png")
-            self.drawn = time.monotonic()
+            self.drawn, self.drawn_rows = monotonic(), len(self.history)
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """However the loop ends, an exception too: curves.png shows every step logged, then close."""
+        if self.enabled and len(self.history) > self.drawn_rows:
+            self.curves(final=True)
+        self.close()
 
     def close(self) -> None:
         if self.enabled:

@@ -51,8 +51,9 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
         if run.main and before:
             print(f"[minigrpo] step 0, before training: held-out {eval_line(before)} ({eval_how})")
     # SIGINT/SIGTERM: finish this step, checkpoint, exit. Both are undone however the loop ends (an
-    # exception too): the caller's signal handlers come back, and the bar's redraws stop.
-    with StopOnSignal() as stop, Progress(run.main, state.step, cfg.max_steps) as progress:
+    # exception too): the caller's signal handlers come back, and the bar's redraws stop; and the log
+    # draws its last curves (a failed run's too) and closes.
+    with log, StopOnSignal() as stop, Progress(run.main, state.step, cfg.max_steps) as progress:
         # ---------------------------------------------------------------- the steps
         for step in range(state.step + 1, cfg.max_steps + 1):
             timer = PhaseTimer()
@@ -94,7 +95,6 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
     summary = before_after(log.history, eval_how) if run.main else None
     if summary:
         print(f"[minigrpo] {summary}")
-    log.close()
     return run.out
 
 

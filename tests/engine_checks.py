@@ -9,7 +9,7 @@ own (DeepSpeed keeps a process group and global state), run by tests/test_engine
     python tests/engine_checks.py dptimeout MODEL_DIR STAGE MARKER   # 2 ranks: DeepSpeed's group has our timeout
     python tests/engine_checks.py foreigngroup MODEL_DIR             # a DeepSpeed group made before ours: refused
 
-Each prints one line `RESULT {json}`.
+Each prints one line `RESULT {json}` (rank 0's, with several ranks).
 """
 
 from __future__ import annotations
@@ -219,19 +219,20 @@ def alloc(model_dir: str, stage: str, dtype: str) -> dict:
             "fp32_master": master, "parameters": sum(p.numel() for p in policy.module.parameters())}
 
 
-def dptimeout(model_dir: str, stage: str, marker: str) -> dict:
-    """2 ranks, dist_timeout_minutes 0.1 (6 s): rank 1 stops taking part after DeepSpeed's set-up (it
-    waits for `marker`, at most 60 s); rank 0's step reaches DeepSpeed's gradient all-reduce (ZeRO-0)
-    or reduce-scatter (ZeRO-2), on DeepSpeed's data-parallel group. Rank 0: how long until it raised."""
+def dptimeout(model_dir: str, stage: str, marker: str) -> None:
+    """2 ranks, dist_timeout_minutes 0.25 (15 s: the set-up's collectives, under 3 pytest workers on
+    2 cores, must meet within it too): rank 1 stops taking part after DeepSpeed's set-up (it waits for
+    `marker`, at most 120 s); rank 0's step reaches DeepSpeed's gradient all-reduce (ZeRO-0) or
+    reduce-scatter (ZeRO-2), on DeepSpeed's data-parallel group. Rank 0: how long until it raised."""
     import os
     import time
 
     from minigrpo.scoring import completion_logprobs
 
-    model, wrap = _policy(model_dir, stage, timeout_minutes=0.1, prompts_per_step=2)  # a group per rank
+    model, wrap = _policy(model_dir, stage, timeout_minutes=0.25, prompts_per_step=2)  # a group per rank
     policy = wrap(model)
     if torch.distributed.get_rank() == 1:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while not Path(marker).exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         os._exit(0)  # no collective, no clean-up: the group is broken on purpose
@@ -251,23 +252,31 @@ def dptimeout(model_dir: str, stage: str, marker: str) -> dict:
 
 
 def foreigngroup(model_dir: str) -> dict:
-    """DeepSpeed's world group made before minigrpo's init_distributed (as DeepSpeed makes it, with
-    torch's default timeout): PolicyEngine refuses to train on it."""
+    """A DeepSpeed world group that is not init_distributed's (made as DeepSpeed makes it, with
+    torch's default timeout): made before init_distributed, init_distributed refuses it (before any
+    model loads); put in after it, PolicyEngine finds DeepSpeed on it and refuses to train."""
     import datetime
 
     from deepspeed.utils import groups
 
     from minigrpo import engine
 
-    engine.init_distributed()  # one rank's group; then DeepSpeed's world group as if it had come first
-    engine._TIMED_WORLD = None
+    engine.init_distributed()  # one rank's default group, and our world group
+    ours = groups._WORLD_GROUP
+    errors = {}
     groups._WORLD_GROUP = torch.distributed.new_group(ranks=[0], timeout=datetime.timedelta(minutes=30))
-    model, wrap = _policy(model_dir)  # init_distributed again: DeepSpeed's group exists, and is kept
     try:
-        wrap(model)
+        engine.init_distributed()
     except RuntimeError as e:
-        return {"error": str(e)}
-    return {"error": None}
+        errors["init"] = str(e)
+    groups._WORLD_GROUP = ours
+    model, wrap = _policy(model_dir)  # init_distributed with ours in place: accepted
+    groups._WORLD_GROUP = torch.distributed.new_group(ranks=[0], timeout=datetime.timedelta(minutes=30))
+    try:
+        wrap(model)  # DeepSpeed's initialize takes the foreign group
+    except RuntimeError as e:
+        errors["engine"] = str(e)
+    return errors
 
 
 if __name__ == "__main__":

@@ -84,12 +84,14 @@ def test_deepspeeds_collectives_wait_dist_timeout_minutes_not_torchs_default(tin
     """DeepSpeed's gradient all-reduce (ZeRO-0) and reduce-scatter (ZeRO-2) run on its data-parallel
     group, which it made with torch's default timeout (30 min with gloo) until init_distributed made
     it with ours: a frozen rank held the other in backward for 30 min (the lost-trainer test,
-    2026-12-07). Here 6 s: rank 0 raises after ~6 s, while rank 1 would have waited up to 60 s."""
+    2026-12-07). Here 15 s: rank 0 raises after ~15 s; before the fix it waited until rank 1 left
+    (its 60 s then), and raised that the connection was closed."""
     r = check("dptimeout", tiny_model, stage, tmp_path / "marker", ranks=2)
     assert r["error"] is not None and "timed out" in r["error"].lower(), r
-    assert 5 < r["seconds"] < 30, r
+    assert 14 < r["seconds"] < 90, r
 
 
 def test_a_deepspeed_group_with_another_timeout_is_refused(tiny_model):
     r = check("foreigngroup", tiny_model)
-    assert r["error"] and "not the one init_distributed made" in r["error"], r
+    assert set(r) == {"init", "engine"}, r  # init_distributed before any model loads, PolicyEngine after
+    assert all("not the one init_distributed made" in e for e in r.values()), r

@@ -125,7 +125,7 @@ def test_qlora_resumes_exactly_and_exports(lora_model_dir, tmp_path, stage):
     ranks = 1 if stage == "0" else 2
     full = run(lora_model_dir, tmp_path / "full", *common, "save_steps=2", ranks=ranks)
     # resumed from a copy of the run's step-2 checkpoint, as test_zero.py does (a separate 2-step run
-    # cost one more launch and checked nothing more: only step 3 is compared)
+    # cost one more launch; the assertions compare step 4 only)
     shutil.copytree(tmp_path / "full", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000004")
     resumed = run(lora_model_dir, tmp_path / "resumed", *common, "save_steps=2", "--resume", ranks=ranks)

@@ -128,17 +128,23 @@ def test_curves_are_redrawn_at_most_once_a_minute_and_always_on_the_final_step(t
     from minigrpo import runlog
 
     clock = [1000.0]
-    monkeypatch.setattr(runlog.time, "monotonic", lambda: clock[0])
-    log = RunLog(tmp_path, True)
+    monkeypatch.setattr(runlog, "monotonic", lambda: clock[0])
     picture = tmp_path / "curves.png"
-    for step, seconds, final, drawn in ((1, 10, False, False), (2, 30, False, False), (3, 61, False, True),
-                                        (4, 100, False, False), (5, 101, True, True), (6, 102, True, True)):
-        clock[0] = 1000.0 + seconds
-        picture.unlink(missing_ok=True)
-        log.log(step, {"reward/total/mean": 0.1 * step})
-        log.curves(final=final)
-        assert picture.exists() == drawn, (step, seconds, final)
-    log.close()
+    with RunLog(tmp_path, True) as log:
+        for step, seconds, final, drawn in ((1, 10, False, False), (2, 30, False, False), (3, 61, False, True),
+                                            (4, 100, False, False), (5, 101, True, True), (6, 102, True, True)):
+            clock[0] = 1000.0 + seconds
+            picture.unlink(missing_ok=True)
+            log.log(step, {"reward/total/mean": 0.1 * step})
+            log.curves(final=final)
+            assert picture.exists() == drawn, (step, seconds, final)
+        picture.unlink()
+    assert not picture.exists()  # every logged step was drawn: leaving does not draw again
+    # a run that fails before its final step (within the first minute too) still leaves its picture
+    with pytest.raises(ValueError), RunLog(tmp_path / "failed", True) as log:
+        log.log(1, {"reward/total/mean": 0.1})
+        raise ValueError("a reward broke")
+    assert (tmp_path / "failed" / "curves.png").exists()
 
 
 class _Killed(BaseException):

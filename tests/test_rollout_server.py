@@ -330,7 +330,7 @@ def test_server_layout_gives_the_colocated_metrics(tiny_model, tmp_path):
 
 def start_trainer(model, out, env, *overrides, timeout=TIMEOUT):
     """2 ranks, in their own session so the test can stop them all. `timeout`: vllm_server_timeout,
-    which is also the start-up deadline of a server the trainer starts itself."""
+    the deadline of every request to the server and the start-up deadline of one the trainer starts."""
     err = open(out.parent / "trainer.err", "w")
     return subprocess.Popen([*torchrun(), SCRIPT, str(model), str(out), "rollout=vllm_server",
                              "max_steps=200", f"vllm_server_timeout={timeout}", *overrides],

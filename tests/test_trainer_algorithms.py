@@ -72,7 +72,7 @@ def test_two_ranks_run_the_options_with_the_batch_std_over_both(tiny_model, tmp_
         assert r["entropy_loss"] < 0  # a bonus: it lowers the loss
 
 
-def test_resuming_with_another_schedule_is_refused_and_a_constant_one_extends(tiny_model, tmp_path):
+def test_resuming_with_another_schedule_is_refused(tiny_model, tmp_path):
     common = ("rollout=torch", "lr_scheduler_type=cosine")
     run(tiny_model, tmp_path / "cos", *common, "max_steps=1")
     proc = launch(tiny_model, tmp_path / "cos", *common, "max_steps=3", "--resume")
