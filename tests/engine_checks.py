@@ -240,9 +240,9 @@ def dptimeout(model_dir: str, stage: str, marker: str) -> None:
     try:
         for k in range(2):
             lp = completion_logprobs(policy.module, PROMPTS[k:k + 1], COMPLETIONS[k:k + 1], 0.9, gathered=policy.gathered)
-            policy.backward((lp * WEIGHTS[k:k + 1, : lp.shape[1]]).sum())
+            policy.backward((lp * WEIGHTS[k:k + 1, : lp.shape[1]].to(lp.device)).sum())
             policy.step()
-    except RuntimeError as e:
+    except RuntimeError as e:  # gloo; NCCL's watchdog may abort the process instead, naming the timeout
         error = str(e)
     seconds = time.monotonic() - start
     Path(marker).write_text("done")

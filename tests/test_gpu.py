@@ -56,6 +56,19 @@ def check(*args) -> dict:
     return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))[7:])
 
 
+@needs_two
+def test_deepspeeds_nccl_group_waits_dist_timeout_minutes(tiny_model, tmp_path):
+    """tests/test_engine.py's check over NCCL: rank 1 stops after DeepSpeed's set-up, and rank 0's
+    gradient all-reduce runs on DeepSpeed's data-parallel group, made by init_distributed with the
+    15 s timeout (torch's default for a new NCCL group is 10 min). NCCL's watchdog either raises in
+    rank 0 or aborts it; either way the work it reports carries the group's timeout."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           free_port(), str(ROOT / "tests" / "engine_checks.py"), "dptimeout", str(tiny_model), "0",
+                           str(tmp_path / "marker")], capture_output=True, text=True, env=_env(), timeout=300)
+    out = proc.stdout + proc.stderr
+    assert "Timeout(ms)=15000" in out and "Timeout(ms)=600000" not in out, out[-3000:]
+
+
 def test_nccl_group_of_one_rank_takes_cpu_tensors_through_collectives(tmp_path):
     """One GPU: the public collectives are the identity with one rank (nothing reaches NCCL), so the
     device-moving reduction is called directly: a CPU tensor must go to the GPU, through NCCL (which
