@@ -80,20 +80,24 @@ class RunLog:
         with open(self.dir / "success_completion_samples.txt", "a") as f:
             f.writelines(block(i) for i in range(len(texts)) if solved[i])
 
-    def curves(self, final: bool = False) -> None:
-        """Redraw curves.png from the whole history: at most every CURVES_EVERY seconds, and on the
-        run's `final` step (the last, an interrupted or a diverged one) whenever it comes."""
-        if self.enabled and self.history and (final or monotonic() - self.drawn >= CURVES_EVERY):
-            draw_curves(self.history, self.dir / "curves.png")
-            self.drawn, self.drawn_rows = monotonic(), len(self.history)
+    def curves(self) -> None:
+        """Redraw curves.png from the whole history, at most every CURVES_EVERY seconds; leaving the
+        log (`with log:`) draws the steps logged since."""
+        if self.enabled and self.history and monotonic() - self.drawn >= CURVES_EVERY:
+            self._draw()
+
+    def _draw(self) -> None:
+        draw_curves(self.history, self.dir / "curves.png")
+        self.drawn, self.drawn_rows = monotonic(), len(self.history)
 
     def __enter__(self) -> RunLog:
         return self
 
     def __exit__(self, *exc) -> None:
-        """However the loop ends, an exception too: curves.png shows every step logged, then close."""
+        """However the loop ends (the last step, an interrupt, a divergence, an exception): curves.png
+        shows every step logged, then close."""
         if self.enabled and len(self.history) > self.drawn_rows:
-            self.curves(final=True)
+            self._draw()
         self.close()
 
     def close(self) -> None:

@@ -77,7 +77,7 @@ def train(cfg: Config, rewards: list, train_dataset, eval_dataset=None, template
             last = diverged or interrupted or step == cfg.max_steps
             if run.main and (step % cfg.logging_steps == 0 or last):
                 progress.update(step, metrics)
-                log.curves(final=last)
+                log.curves()  # the last ones are drawn when the loop is left
             if last or (cfg.save_steps and step % cfg.save_steps == 0):
                 with progress.doing("saving a checkpoint"):  # as benchmarks/first_command.py reads the bar
                     saved = _save(run, state)

@@ -131,15 +131,19 @@ def test_curves_are_redrawn_at_most_once_a_minute_and_always_on_the_final_step(t
     monkeypatch.setattr(runlog, "monotonic", lambda: clock[0])
     picture = tmp_path / "curves.png"
     with RunLog(tmp_path, True) as log:
-        for step, seconds, final, drawn in ((1, 10, False, False), (2, 30, False, False), (3, 61, False, True),
-                                            (4, 100, False, False), (5, 101, True, True), (6, 102, True, True)):
+        for step, seconds, drawn in ((1, 10, False), (2, 30, False), (3, 61, True), (4, 100, False), (5, 101, False)):
             clock[0] = 1000.0 + seconds
             picture.unlink(missing_ok=True)
             log.log(step, {"reward/total/mean": 0.1 * step})
-            log.curves(final=final)
-            assert picture.exists() == drawn, (step, seconds, final)
-        picture.unlink()
-    assert not picture.exists()  # every logged step was drawn: leaving does not draw again
+            log.curves()
+            assert picture.exists() == drawn, (step, seconds)
+    assert picture.exists()  # the final steps 4-5, drawn when the loop leaves the log
+    with RunLog(tmp_path / "drawn", True) as log:
+        clock[0] += 61
+        log.log(1, {"reward/total/mean": 0.1})
+        log.curves()
+        (tmp_path / "drawn" / "curves.png").unlink()
+    assert not (tmp_path / "drawn" / "curves.png").exists()  # every logged step was drawn: not again
     # a run that fails before its final step (within the first minute too) still leaves its picture
     with pytest.raises(ValueError), RunLog(tmp_path / "failed", True) as log:
         log.log(1, {"reward/total/mean": 0.1})
